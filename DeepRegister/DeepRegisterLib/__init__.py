@@ -1,0 +1,1 @@
+"""DeepRegister's registration library: usable without Slicer."""

@@ -1,0 +1,278 @@
+"""Differentiable spatial operations in physical space.
+
+Conventions used by every function here:
+
+* Image tensors are ``(B, C, Z, Y, X)``: the axis order of ``sitk.GetArrayFromImage``
+  with batch and channel axes in front.
+* Displacement tensors are ``(B, 3, Z, Y, X)``; channel ``k`` is the displacement along
+  physical axis ``k`` (0 = x, 1 = y, 2 = z) in millimetres, in the image's LPS physical
+  frame (the frame of ITK and SimpleITK).  A displacement ``u`` on a fixed grid maps the
+  fixed physical point ``p`` to the moving physical point ``p + u(p)`` (ITK resampling
+  convention, Slicer "TransformFromParent").
+* Geometry (size, spacing, origin, direction) is carried by :class:`Grid`, never implied
+  by array shapes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A 3D image grid in physical space.
+
+    ``size`` and ``spacing`` are in ITK order (x, y, z); ``spacing`` in mm; ``origin`` is
+    the physical (LPS, mm) position of voxel (0, 0, 0); ``direction`` is the 3x3 matrix
+    whose columns are the physical directions of the index axes.
+    """
+
+    size: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    direction: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+
+    @classmethod
+    def from_image(cls, image: sitk.Image) -> "Grid":
+        """The grid of a 3D SimpleITK image."""
+        return cls(
+            tuple(int(v) for v in image.GetSize()),
+            tuple(float(v) for v in image.GetSpacing()),
+            tuple(float(v) for v in image.GetOrigin()),
+            tuple(float(v) for v in image.GetDirection()),
+        )
+
+    @classmethod
+    def centered(
+        cls,
+        center: np.ndarray,
+        size: tuple[int, int, int],
+        spacing: tuple[float, float, float],
+        direction: tuple[float, ...],
+    ) -> "Grid":
+        """A grid of ``size`` voxels whose physical centre is ``center``."""
+        matrix = np.reshape(direction, (3, 3)) * np.asarray(spacing)
+        origin = np.asarray(center) - matrix @ ((np.asarray(size) - 1) / 2.0)
+        return cls(tuple(int(v) for v in size), tuple(float(v) for v in spacing),
+                   tuple(float(v) for v in origin), tuple(float(v) for v in direction))
+
+    @classmethod
+    def canonical(cls, size: tuple[int, int, int], spacing: tuple[float, float, float]) -> "Grid":
+        """The networks' frame: identity direction, centred on the physical origin."""
+        return cls.centered(np.zeros(3), size, spacing, (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """Array shape (Z, Y, X)."""
+        return (self.size[2], self.size[1], self.size[0])
+
+    @property
+    def index_to_physical(self) -> np.ndarray:
+        """3x3 matrix ``direction @ diag(spacing)``: index offsets (x, y, z) to mm."""
+        return np.reshape(self.direction, (3, 3)) * np.asarray(self.spacing)
+
+    @property
+    def center(self) -> np.ndarray:
+        """Physical position (mm) of the grid's centre."""
+        return np.asarray(self.origin) + self.index_to_physical @ ((np.asarray(self.size) - 1) / 2.0)
+
+    def physical_to_index(self, points: np.ndarray) -> np.ndarray:
+        """Continuous (x, y, z) indices of physical points given as (..., 3) in mm."""
+        inverse = np.linalg.inv(self.index_to_physical)
+        return (np.asarray(points, dtype=float) - np.asarray(self.origin)) @ inverse.T
+
+    def reference_image(self, pixel_type: int = sitk.sitkFloat32) -> sitk.Image:
+        """An empty SimpleITK image with this geometry (for resampling)."""
+        image = sitk.Image([int(v) for v in self.size], pixel_type)
+        image.SetSpacing(self.spacing)
+        image.SetOrigin(self.origin)
+        image.SetDirection(self.direction)
+        return image
+
+
+def physical_points(grid: Grid, dtype: torch.dtype = torch.float32,
+                    device: torch.device | str = "cpu") -> torch.Tensor:
+    """Physical coordinates (mm) of every voxel centre: tensor ``(Z, Y, X, 3)``, last axis (x, y, z)."""
+    axes = [torch.arange(n, dtype=torch.float64, device=device) for n in grid.shape]
+    zz, yy, xx = torch.meshgrid(*axes, indexing="ij")
+    index = torch.stack((xx, yy, zz), dim=-1)
+    matrix = torch.as_tensor(grid.index_to_physical, dtype=torch.float64, device=device)
+    origin = torch.as_tensor(grid.origin, dtype=torch.float64, device=device)
+    return (index @ matrix.T + origin).to(dtype)
+
+
+def normalized_coordinates(points: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """Map physical points ``(..., 3)`` (mm, x y z) to ``grid_sample`` coordinates of ``grid``.
+
+    The result is in [-1, 1] inside the grid (``align_corners=True``), last axis (x, y, z).
+    """
+    inverse = torch.as_tensor(np.linalg.inv(grid.index_to_physical), dtype=points.dtype, device=points.device)
+    origin = torch.as_tensor(grid.origin, dtype=points.dtype, device=points.device)
+    index = (points - origin) @ inverse.T
+    size = torch.as_tensor(grid.size, dtype=points.dtype, device=points.device)
+    return 2.0 * index / (size - 1).clamp(min=1) - 1.0
+
+
+def sample(image: torch.Tensor, points: torch.Tensor, grid: Grid, mode: str = "bilinear",
+           padding_mode: str = "zeros") -> torch.Tensor:
+    """Interpolate ``image`` (B, C, Z, Y, X) on ``grid`` at physical points (B, *S, 3) -> (B, C, *S).
+
+    ``S`` is any 3D arrangement of points; ``mode`` "bilinear" is trilinear interpolation.
+    """
+    normalized = normalized_coordinates(points, grid)
+    return F.grid_sample(image, normalized, mode=mode, padding_mode=padding_mode, align_corners=True)
+
+
+def warp(image: torch.Tensor, displacement: torch.Tensor, grid: Grid, image_grid: Grid | None = None,
+         mode: str = "bilinear", padding_mode: str = "zeros") -> torch.Tensor:
+    """Resample ``image`` through a displacement field.
+
+    ``image`` (B, C, Zm, Ym, Xm) lies on ``image_grid`` (default: ``grid``); ``displacement``
+    (B, 3, Z, Y, X) in mm lies on ``grid``. Returns ``image(p + u(p))`` for every voxel
+    ``p`` of ``grid``: (B, C, Z, Y, X).
+    """
+    points = physical_points(grid, displacement.dtype, displacement.device)
+    points = points.unsqueeze(0) + displacement.permute(0, 2, 3, 4, 1)
+    return sample(image, points, image_grid or grid, mode, padding_mode)
+
+
+class SpatialTransformer(torch.nn.Module):
+    """Warp images on one fixed grid by displacement fields (mm) on the same grid.
+
+    Caches the grid's physical coordinates; see :func:`warp` for axis order and units.
+    """
+
+    def __init__(self, grid: Grid) -> None:
+        super().__init__()
+        self.grid = grid
+        self.register_buffer("points", physical_points(grid), persistent=False)
+
+    def forward(self, image: torch.Tensor, displacement: torch.Tensor,
+                padding_mode: str = "border") -> torch.Tensor:
+        points = self.points.to(displacement.dtype).unsqueeze(0) + displacement.permute(0, 2, 3, 4, 1)
+        return sample(image, points, self.grid, "bilinear", padding_mode)
+
+
+def affine_displacement(theta: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """Displacement (B, 3, Z, Y, X) in mm of the affine maps ``theta`` (B, 3, 4).
+
+    ``theta = [A | t]`` acts on physical coordinates (mm, x y z) relative to the grid's
+    centre ``c``: ``p -> c + A (p - c) + t``; ``[I | 0]`` is the identity.
+    """
+    points = physical_points(grid, theta.dtype, theta.device)
+    centered = points - torch.as_tensor(grid.center, dtype=theta.dtype, device=theta.device)
+    moved = torch.einsum("bij,zyxj->bzyxi", theta[:, :, :3], centered) + theta[:, None, None, None, :, 3]
+    return (moved - centered).permute(0, 4, 1, 2, 3)
+
+
+def compose(first: torch.Tensor, second: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """Displacement of "apply ``first``, then ``second``": ``w(p) = u1(p) + u2(p + u1(p))``.
+
+    Both (B, 3, Z, Y, X) in mm on ``grid``; ``second`` is extended by its border values.
+    """
+    return first + warp(second, first, grid, padding_mode="border")
+
+
+def integrate_velocity(velocity: torch.Tensor, grid: Grid, steps: int = 7) -> torch.Tensor:
+    """Scaling and squaring: displacement (mm) of the exponential of a stationary velocity field (mm)."""
+    displacement = velocity / (2 ** steps)
+    for _ in range(steps):
+        displacement = compose(displacement, displacement, grid)
+    return displacement
+
+
+def integrate_gradients(gradients: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """Displacement (mm) from spatial gradients by cumulative sum (Christodoulidis et al.).
+
+    ``gradients`` (B, 3, Z, Y, X): channel k (index axis x, y, z) is the spacing, in voxels,
+    between consecutive sampling positions along that axis; 1 everywhere is the identity and
+    values > 0 keep the sampling positions strictly increasing along each axis, so the grid
+    cannot fold along it. The sampling grid is anchored at the grid's central voxel:
+    ``G(p) = c + S(p) - S(c)`` with ``S`` the cumulative sum along the axis.
+    """
+    offsets = []
+    for channel, dim in enumerate((4, 3, 2)):  # x runs along X (dim 4), y along Y, z along Z
+        cumulative = torch.cumsum(gradients[:, channel], dim=dim - 1)
+        n = gradients.shape[dim]
+        center = (n - 1) // 2
+        anchor = cumulative.narrow(dim - 1, center, 1)
+        index = torch.arange(n, dtype=gradients.dtype, device=gradients.device)
+        shape = [1, 1, 1, 1]
+        shape[dim - 1] = n
+        offsets.append(cumulative - anchor + center - index.view(shape))
+    voxel_offsets = torch.stack(offsets, dim=-1)  # (B, Z, Y, X, 3) in voxels, x y z
+    matrix = torch.as_tensor(grid.index_to_physical, dtype=gradients.dtype, device=gradients.device)
+    return (voxel_offsets @ matrix.T).permute(0, 4, 1, 2, 3)
+
+
+def resample_field(displacement: torch.Tensor, source: Grid, target: Grid) -> torch.Tensor:
+    """Resample a displacement (mm) from grid ``source`` onto grid ``target`` (trilinear).
+
+    Values are physical mm, so they are unchanged; outside ``source`` the border value is used.
+    """
+    points = physical_points(target, displacement.dtype, displacement.device).unsqueeze(0)
+    points = points.expand(displacement.shape[0], *points.shape[1:])
+    return sample(displacement, points, source, "bilinear", "border")
+
+
+def resize_voxel_field(displacement: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+    """Resize a displacement given in voxel units to array ``shape`` (Z, Y, X).
+
+    Channels are (x, y, z) voxel offsets; each is rescaled by the change of voxel size along
+    its axis (``align_corners=True``: ``(new - 1) / (old - 1)``).
+    """
+    old = displacement.shape[2:]
+    resized = F.interpolate(displacement, size=shape, mode="trilinear", align_corners=True)
+    factors = [(shape[axis] - 1) / max(old[axis] - 1, 1) for axis in (2, 1, 0)]
+    scale = torch.as_tensor(factors, dtype=displacement.dtype, device=displacement.device)
+    return resized * scale.view(1, 3, 1, 1, 1)
+
+
+def spatial_jacobian(displacement: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """Physical Jacobian of the displacement, ``du_i/dp_j``: (B, Z, Y, X, 3, 3).
+
+    Central differences inside, one-sided at the border, converted from index to mm with
+    the grid's direction and spacing.
+    """
+    derivatives = []
+    for dim in (4, 3, 2):  # d/dx_index, d/dy_index, d/dz_index
+        derivatives.append(torch.gradient(displacement, dim=dim)[0])
+    index_jacobian = torch.stack(derivatives, dim=-1).permute(0, 2, 3, 4, 1, 5)  # (B,Z,Y,X,i,j_index)
+    inverse = torch.as_tensor(np.linalg.inv(grid.index_to_physical), dtype=displacement.dtype,
+                              device=displacement.device)
+    return index_jacobian @ inverse
+
+
+def jacobian_determinant(displacement: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """Determinant of the mapping's Jacobian ``det(I + du/dp)``: (B, Z, Y, X); <= 0 means folding."""
+    jacobian = spatial_jacobian(displacement, grid)
+    eye = torch.eye(3, dtype=displacement.dtype, device=displacement.device)
+    return torch.linalg.det(jacobian + eye)
+
+
+def folding_percent(displacement: torch.Tensor, grid: Grid) -> float:
+    """Percentage of voxels whose Jacobian determinant is not positive."""
+    with torch.no_grad():
+        determinant = jacobian_determinant(displacement, grid)
+    return float((determinant <= 0).double().mean() * 100.0)
+
+
+def displacement_to_sitk(displacement: torch.Tensor, grid: Grid) -> sitk.Image:
+    """One displacement (1, 3, Z, Y, X) in mm to a float64 vector image with ``grid``'s geometry."""
+    array = displacement[0].detach().permute(1, 2, 3, 0).cpu().numpy().astype(np.float64)
+    image = sitk.GetImageFromArray(array, isVector=True)
+    image.SetSpacing(grid.spacing)
+    image.SetOrigin(grid.origin)
+    image.SetDirection(grid.direction)
+    return image
+
+
+def sitk_to_displacement(image: sitk.Image) -> torch.Tensor:
+    """A SimpleITK displacement-field image (mm, LPS) to a tensor (1, 3, Z, Y, X) float32."""
+    array = sitk.GetArrayFromImage(image).astype(np.float32)
+    return torch.from_numpy(array).permute(3, 0, 1, 2).unsqueeze(0).contiguous()

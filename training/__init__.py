@@ -1,0 +1,1 @@
+"""Offline training of DeepRegister's networks (see training/README.md)."""
