@@ -1,0 +1,89 @@
+"""Similarity and regularisation losses (all differentiable, lower is better).
+
+Images are (B, 1, Z, Y, X) with intensities normalised to about [0, 1]; displacements are
+(B, 3, Z, Y, X) in mm; ``spacing`` is (x, y, z) in mm.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _box_mean(volume: torch.Tensor, window: int) -> torch.Tensor:
+    """Mean over a cubic window (separable, zero-padded like a convolution), same shape."""
+    radius = window // 2
+    for dim in (2, 3, 4):
+        shape = [1, 1, 1, 1, 1]
+        shape[dim] = window
+        kernel = torch.full(shape, 1.0 / window, dtype=volume.dtype, device=volume.device)
+        padding = [0, 0, 0]
+        padding[dim - 2] = radius
+        volume = F.conv3d(volume, kernel.expand(volume.shape[1], 1, *shape[2:]), padding=tuple(padding),
+                          groups=volume.shape[1])
+    return volume
+
+
+def lncc_loss(fixed: torch.Tensor, warped: torch.Tensor, window: int = 9,
+              weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Negative local normalised cross-correlation (squared, in [0, 1]) over ``window``^3 voxels.
+
+    ``weight`` (B, 1, Z, Y, X), if given, weights each voxel's local correlation.
+    """
+    stacked = torch.cat([fixed, warped, fixed * fixed, warped * warped, fixed * warped], dim=1)
+    mf, mw, mff, mww, mfw = _box_mean(stacked, window).split(1, dim=1)
+    covariance = mfw - mf * mw
+    variance_f = (mff - mf * mf).clamp(min=0)
+    variance_w = (mww - mw * mw).clamp(min=0)
+    cc = covariance * covariance / (variance_f * variance_w + 1e-5)
+    if weight is None:
+        return -cc.mean()
+    return -(cc * weight).sum() / weight.sum().clamp(min=1e-8)
+
+
+def mutual_information_loss(fixed: torch.Tensor, warped: torch.Tensor, bins: int = 32,
+                            weight: torch.Tensor | None = None, sigma_bins: float = 0.5) -> torch.Tensor:
+    """Negative mutual information (nats) from a Parzen-window joint histogram.
+
+    ``fixed`` and ``warped`` are values in [0, 1] of any matching shape (dense volumes or
+    sampled points); ``weight`` (same shape) weights each sample's histogram contribution.
+    """
+    f = fixed.reshape(-1, 1).clamp(0, 1)
+    m = warped.reshape(-1, 1).clamp(0, 1)
+    w = torch.ones_like(f) if weight is None else weight.reshape(-1, 1)
+    centers = torch.linspace(0, 1, bins, dtype=f.dtype, device=f.device).view(1, -1)
+    scale = 1.0 / (2.0 * (sigma_bins / (bins - 1)) ** 2)
+    pf = torch.exp(-scale * (f - centers) ** 2)
+    pm = torch.exp(-scale * (m - centers) ** 2)
+    pf = pf / pf.sum(dim=1, keepdim=True)
+    pm = pm / pm.sum(dim=1, keepdim=True)
+    joint = (pf * w).T @ pm
+    joint = joint / joint.sum().clamp(min=1e-12)
+    marginal_f = joint.sum(dim=1, keepdim=True)
+    marginal_m = joint.sum(dim=0, keepdim=True)
+    ratio = joint / (marginal_f @ marginal_m).clamp(min=1e-12)
+    return -(joint * torch.log(ratio.clamp(min=1e-12))).sum()
+
+
+def bending_energy(displacement: torch.Tensor, spacing: tuple[float, float, float]) -> torch.Tensor:
+    """Mean bending energy (mm^-2 * mm^2 = unitless per voxel) of a displacement in mm.
+
+    Sum over components of the squared second derivatives, cross terms counted twice,
+    central differences with the grid's ``spacing`` (x, y, z).
+    """
+    steps = {4: spacing[0], 3: spacing[1], 2: spacing[2]}
+
+    def d(volume: torch.Tensor, dim: int) -> torch.Tensor:
+        n = volume.shape[dim]
+        return (volume.narrow(dim, 2, n - 2) - volume.narrow(dim, 0, n - 2)) / (2.0 * steps[dim])
+
+    energy = displacement.new_zeros(())
+    dims = [dim for dim in (2, 3, 4) if displacement.shape[dim] >= 3]
+    for i, first in enumerate(dims):
+        derivative = d(displacement, first)
+        for second in dims[i:]:
+            if derivative.shape[second] < 3:
+                continue
+            value = d(derivative, second)
+            energy = energy + (1.0 if first == second else 2.0) * (value ** 2).mean()
+    return energy

@@ -1,0 +1,146 @@
+"""Registry of named models: weights (safetensors) plus a model card (JSON).
+
+A model is a folder ``<name>/`` holding ``model.json`` (the card) and ``model.safetensors``
+(the weights). Folders are searched in ``$DEEPREGISTER_MODEL_PATH`` (``os.pathsep``
+separated), then in the extension's ``Resources/Models``. Loading never unpickles: weights
+are read with safetensors, which stores tensors only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+CARD_FILE = "model.json"
+WEIGHTS_FILE = "model.safetensors"
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+class ModelError(ValueError):
+    """A model is missing, unreadable or does not fit this version of DeepRegister."""
+
+
+@dataclass
+class ModelCard:
+    """What a model is and how its inputs must be prepared.
+
+    ``input_size`` (x, y, z voxels) and ``spacing_mm`` (x, y, z) define the grid the network
+    sees, centred on the fixed image with the fixed image's direction. Intensities are clipped
+    to the ``intensity_percentiles`` of each image and scaled to [0, 1].
+    """
+
+    name: str
+    description: str
+    architecture: str
+    config: dict
+    input_size: list[int]
+    spacing_mm: list[float]
+    modality: dict = field(default_factory=lambda: {"fixed": "any", "moving": "any"})
+    intensity_percentiles: list[float] = field(default_factory=lambda: [1.0, 99.0])
+    finetune_metric: str = "mi"
+    saliency_sigma_mm: float = 1.5
+    training: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+
+def model_search_path() -> list[Path]:
+    """Folders searched for named models, in order."""
+    paths = [Path(p) for p in os.environ.get("DEEPREGISTER_MODEL_PATH", "").split(os.pathsep) if p]
+    # Source tree (DeepRegister/DeepRegisterLib -> Resources) and installed Slicer module layout.
+    paths += [_PACKAGE_DIR.parents[1] / "Resources" / "Models", _PACKAGE_DIR.parent / "Resources" / "Models"]
+    return paths
+
+
+def read_card(folder: Path) -> ModelCard:
+    """Read and validate a model card from a model folder."""
+    path = folder / CARD_FILE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelError(f"Model folder {folder} has no {CARD_FILE}.") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ModelError(f"Model card {path} is corrupt or unreadable ({error}).") from None
+    try:
+        card = ModelCard(**data)
+    except TypeError as error:
+        raise ModelError(f"Model card {path} does not fit this version of DeepRegister ({error}).") from None
+    if len(card.input_size) != 3 or len(card.spacing_mm) != 3 or min(card.input_size) < 8:
+        raise ModelError(f"Model card {path}: input_size and spacing_mm need 3 values each (x, y, z).")
+    return card
+
+
+def list_models() -> list[ModelCard]:
+    """Every readable model in the search path (the first of each name wins)."""
+    cards: dict[str, ModelCard] = {}
+    for root in model_search_path():
+        if not root.is_dir():
+            continue
+        for folder in sorted(root.iterdir()):
+            if (folder / CARD_FILE).is_file():
+                try:
+                    card = read_card(folder)
+                except ModelError:
+                    continue
+                cards.setdefault(card.name, card)
+    return list(cards.values())
+
+
+def find_model(name_or_path: str | os.PathLike) -> Path:
+    """The folder of a model given by name or by a path to its folder or card."""
+    path = Path(name_or_path)
+    if path.is_file() and path.name == CARD_FILE:
+        return path.parent
+    if path.is_dir():
+        return path
+    for root in model_search_path():
+        if (root / str(name_or_path) / CARD_FILE).is_file():
+            return root / str(name_or_path)
+    known = ", ".join(card.name for card in list_models()) or "none installed"
+    raise ModelError(f"No model named or found at '{name_or_path}'. Known models: {known}.")
+
+
+def load_model(name_or_path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[ModelCard, torch.nn.Module]:
+    """Load a model's card and network in eval mode (weights only, never pickled code)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from .nets import build_network
+
+    folder = find_model(name_or_path)
+    card = read_card(folder)
+    try:
+        network = build_network(card.architecture, tuple(card.input_size), tuple(card.spacing_mm), **card.config)
+    except (ValueError, TypeError) as error:
+        raise ModelError(f"Model '{card.name}' asks for an unsupported network ({error}).") from None
+    weights = folder / WEIGHTS_FILE
+    if not weights.is_file():
+        raise ModelError(f"Model '{card.name}' has no weights file {weights}.")
+    try:
+        state = load_file(str(weights), device="cpu")
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ModelError(f"Weights of model '{card.name}' ({weights}) are corrupt: {error}.") from None
+    try:
+        network.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        first_line = str(error).splitlines()[0]
+        raise ModelError(f"Weights of model '{card.name}' do not fit its network: {first_line}") from None
+    return card, network.to(device).eval()
+
+
+def save_model(folder: str | os.PathLike, card: ModelCard, network: torch.nn.Module) -> Path:
+    """Write a model folder (card + safetensors weights); returns the folder."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {key: value.detach().cpu().contiguous() for key, value in network.state_dict().items()}
+    save_file(state, str(folder / WEIGHTS_FILE))
+    (folder / CARD_FILE).write_text(card.to_json(), encoding="utf-8")
+    return folder

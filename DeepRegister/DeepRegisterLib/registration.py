@@ -1,0 +1,362 @@
+"""One-shot registration of two SimpleITK volumes: preprocessing -> network -> fine-tuning -> outputs.
+
+Data flows one way. Both images are resampled, in physical space, onto the model's input
+grid (centred on the fixed image, with its direction); the moving image is first shifted so
+the two image centres coincide. The network predicts a displacement on that grid; optional
+fine-tuning refines it on this pair; the result is expressed at the fixed image's full
+resolution as a fixed->moving ITK displacement-field transform (LPS mm).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+
+from . import spatial
+from .imageio import InputError, check_volume, physical_box
+from .losses import bending_energy, lncc_loss, mutual_information_loss
+from .models import ModelCard, load_model
+from .saliency import gaussian_smooth, joint_saliency
+from .spatial import Grid
+
+#: ``progress(stage, fraction)``; returning ``False`` cancels the registration.
+ProgressCallback = Callable[[str, float], "bool | None"]
+
+DEFAULT_ITERATIONS_WITHOUT_MODEL = 150
+INSTANCE_GRID_VOXELS = 96  # longest side of the grid used when no model is given
+SAMPLES_PER_ITERATION = 16384
+BENDING_WEIGHT = 5.0
+MATRIX_LR, TRANSLATION_LR, FIELD_LR = 5e-4, 0.1, 0.05  # Adam steps: unitless, mm, mm
+
+
+class RegistrationCancelled(RuntimeError):
+    """The progress callback asked to stop."""
+
+
+@dataclass
+class RegistrationResult:
+    """Outputs of :func:`register`, all on the fixed image's grid."""
+
+    transform: sitk.DisplacementFieldTransform  # fixed -> moving, LPS mm
+    warped: sitk.Image
+    saliency: sitk.Image  # joint saliency in [0, 1]
+    timings: dict[str, float]
+    folding_percent: float
+    model: str
+    device: str
+    iterations: int
+    messages: list[str] = field(default_factory=list)
+
+    def displacement_field(self) -> sitk.Image:
+        """A copy of the displacement field (vector image, mm, LPS) on the fixed grid."""
+        return sitk.Image(self.transform.GetDisplacementField())
+
+
+def resolve_device(device: str) -> torch.device:
+    """"auto" -> CUDA when available, else CPU; "cuda" without a GPU is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("A GPU (cuda) was requested but PyTorch sees none; use device 'cpu' or 'auto'.")
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise InputError(f"Unknown device '{device}': use 'auto', 'cpu' or 'cuda'.")
+    return torch.device(device)
+
+
+def instance_card() -> ModelCard:
+    """The settings used when no trained model is given (fine-tuning from the identity)."""
+    return ModelCard(name="none", description="No network: fine-tuning on the pair from the identity.",
+                     architecture="", config={}, input_size=[INSTANCE_GRID_VOXELS] * 3, spacing_mm=[0.0] * 3)
+
+
+def model_grid(fixed: sitk.Image, card: ModelCard) -> Grid:
+    """The network's input grid for this fixed image: card size and spacing, centred on the fixed
+    image with its direction. A card spacing of 0 fits the fixed image's extent (isotropic,
+    never finer than the fixed image)."""
+    grid = Grid.from_image(fixed)
+    if min(card.spacing_mm) > 0:
+        return Grid.centered(grid.center, tuple(card.input_size), tuple(card.spacing_mm), grid.direction)
+    extent = (np.asarray(grid.size) - 1) * np.asarray(grid.spacing)
+    step = max(float(extent.max()) / (max(card.input_size) - 1), min(grid.spacing))
+    size = tuple(int(min(n, math.ceil(e / step) + 1)) for n, e in zip(card.input_size, extent))
+    return Grid.centered(grid.center, size, (step,) * 3, grid.direction)
+
+
+def normalize_intensity(image: sitk.Image, percentiles: list[float]) -> tuple[float, float]:
+    """Intensity window (low, high) from the image's percentiles."""
+    array = sitk.GetArrayViewFromImage(image)
+    low, high = np.percentile(array, percentiles)
+    if high <= low:
+        low, high = float(array.min()), float(array.max())
+    return float(low), float(high)
+
+
+def to_model_tensor(image: sitk.Image, grid: Grid, transform: sitk.Transform, window: tuple[float, float],
+                    device: torch.device) -> torch.Tensor:
+    """Resample ``image`` through ``transform`` onto ``grid`` and scale ``window`` to [0, 1]: (1, 1, Z, Y, X)."""
+    low, high = window
+    resampled = sitk.Resample(image, grid.reference_image(), transform, sitk.sitkLinear, low, sitk.sitkFloat32)
+    array = (sitk.GetArrayFromImage(resampled) - low) / (high - low)
+    return torch.from_numpy(np.clip(array, 0, 1)).to(device)[None, None]
+
+
+def downsample(volume: torch.Tensor, grid: Grid, factor: int) -> tuple[torch.Tensor, Grid]:
+    """Smooth and resample a volume to a grid ``factor`` times coarser over the same extent."""
+    if factor == 1:
+        return volume, grid
+    size = tuple(max(4, (n - 1) // factor + 1) for n in grid.size)
+    spacing = tuple((n - 1) * s / (m - 1) for n, s, m in zip(grid.size, grid.spacing, size))
+    coarse = Grid.centered(grid.center, size, spacing, grid.direction)
+    smoothed = gaussian_smooth(volume, 0.5 * factor * min(grid.spacing), grid.spacing)
+    resized = F.interpolate(smoothed, size=coarse.shape, mode="trilinear", align_corners=True)
+    return resized, coarse
+
+
+class PairDeformation(torch.nn.Module):
+    """Fine-tuned correction on top of a fixed initial field: affine + multi-level control-point field.
+
+    ``displacement(points)`` gives, for physical points (N, 3) in mm (x y z), the displacement
+    (N, 3) in mm added to the initial field: ``A (p - c) + t - (p - c)`` plus trilinear
+    interpolation of control-point displacements on grids of ``control_spacings_mm``.
+    """
+
+    def __init__(self, grid: Grid, control_spacings_mm: tuple[float, ...]) -> None:
+        super().__init__()
+        self.center = torch.as_tensor(grid.center, dtype=torch.float32)
+        self.matrix = torch.nn.Parameter(torch.zeros(3, 3))
+        self.translation = torch.nn.Parameter(torch.zeros(3))
+        extent = (np.asarray(grid.size) - 1) * np.asarray(grid.spacing)
+        self.control_grids = []
+        fields = []
+        for step in control_spacings_mm:
+            size = tuple(int(max(4, math.ceil(e / step) + 3)) for e in extent)
+            control = Grid.centered(grid.center, size, (step,) * 3, grid.direction)
+            self.control_grids.append(control)
+            fields.append(torch.nn.Parameter(torch.zeros(1, 3, *control.shape)))
+        self.fields = torch.nn.ParameterList(fields)
+
+    def displacement(self, points: torch.Tensor) -> torch.Tensor:
+        centered = points - self.center.to(points)
+        result = centered @ self.matrix.T + self.translation
+        for control, values in zip(self.control_grids, self.fields):
+            sampled = spatial.sample(values, points.view(1, -1, 1, 1, 3), control, "bilinear", "border")
+            result = result + sampled.view(3, -1).T
+        return result
+
+    def regularization(self) -> torch.Tensor:
+        """Bending energy of the control-point fields (unitless)."""
+        return sum(bending_energy(values, control.spacing) for control, values in zip(self.control_grids, self.fields))
+
+
+def saliency_weights(fixed: torch.Tensor, warped: torch.Tensor, grid: Grid, sigma_mm: float) -> torch.Tensor:
+    """Per-voxel similarity weights ``1 + joint saliency`` on ``grid``, computed at half resolution
+    when the grid is larger than 48^3 voxels (the map is smooth at that scale)."""
+    factor = 2 if max(grid.size) > 48 else 1
+    small_fixed, small_grid = downsample(fixed, grid, factor)
+    small_warped, _ = downsample(warped, grid, factor)
+    saliency = joint_saliency(small_fixed, small_warped, small_grid.spacing, sigma_mm)
+    if factor > 1:
+        saliency = F.interpolate(saliency, size=grid.shape, mode="trilinear", align_corners=True)
+    return 1.0 + saliency
+
+
+def _report(progress: ProgressCallback | None, stage: str, fraction: float) -> None:
+    if progress is not None and progress(stage, fraction) is False:
+        raise RegistrationCancelled(f"Registration cancelled during {stage}.")
+
+
+def fine_tune(fixed: torch.Tensor, moving: torch.Tensor, initial: torch.Tensor, grid: Grid, iterations: int,
+              metric: str, saliency_sigma_mm: float, progress: ProgressCallback | None = None,
+              seed: int = 0) -> PairDeformation:
+    """Optimise a :class:`PairDeformation` on this pair from ``initial`` (1, 3, Z, Y, X mm on ``grid``).
+
+    Two resolution levels (half, then full), Adam; the similarity is mutual information on
+    random voxel samples ("mi") or dense LNCC ("lncc"), each voxel weighted by
+    ``1 + joint saliency`` of the current alignment (recomputed every 25 steps), plus bending
+    energy of the correction.
+    """
+    if metric not in ("mi", "lncc"):
+        raise InputError(f"Unknown fine-tuning metric '{metric}': use 'mi' or 'lncc'.")
+    device = fixed.device
+    extent = float(((np.asarray(grid.size) - 1) * np.asarray(grid.spacing)).max())
+    deformation = PairDeformation(grid, (extent / 4, extent / 8)).to(device)
+    deformation.center = deformation.center.to(device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    levels = [(2, iterations // 2), (1, iterations - iterations // 2)]
+    done = 0
+    for factor, steps in levels:
+        if steps == 0:
+            continue
+        level_fixed, level_grid = downsample(fixed, grid, factor)
+        level_moving, _ = downsample(moving, grid, factor)
+        level_initial = spatial.resample_field(initial, grid, level_grid) if factor > 1 else initial
+        points = spatial.physical_points(level_grid, device=device).reshape(-1, 3)
+        initial_flat = level_initial[0].reshape(3, -1).T
+        optimizer = torch.optim.Adam([
+            {"params": [deformation.matrix], "lr": MATRIX_LR},
+            {"params": [deformation.translation], "lr": TRANSLATION_LR * factor},
+            {"params": list(deformation.fields), "lr": FIELD_LR * factor},
+        ])
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0 - 0.8 * i / steps)
+        weight_map = torch.ones_like(level_fixed)
+        for step in range(steps):
+            if step % 25 == 0:
+                with torch.no_grad():
+                    field = initial_flat + deformation.displacement(points)
+                    warped = spatial.sample(level_moving, (points + field).view(1, *level_grid.shape, 3), level_grid)
+                    weight_map = saliency_weights(level_fixed, warped, level_grid, saliency_sigma_mm)
+            optimizer.zero_grad(set_to_none=True)
+            if metric == "mi":
+                index = torch.randint(0, points.shape[0], (min(SAMPLES_PER_ITERATION, points.shape[0]),),
+                                      generator=generator, device=device)
+                mapped = points[index] + initial_flat[index] + deformation.displacement(points[index])
+                inside = (spatial.normalized_coordinates(mapped, level_grid).abs() <= 1).all(dim=1).float()
+                values = spatial.sample(level_moving, mapped.view(1, -1, 1, 1, 3), level_grid).view(-1)
+                weights = weight_map.view(-1)[index] * inside
+                similarity = mutual_information_loss(level_fixed.view(-1)[index], values, weight=weights)
+            else:
+                field = initial_flat + deformation.displacement(points)
+                warped = spatial.sample(level_moving, (points + field).view(1, *level_grid.shape, 3), level_grid,
+                                        padding_mode="border")
+                similarity = lncc_loss(level_fixed, warped, weight=weight_map)
+            loss = similarity + BENDING_WEIGHT * deformation.regularization()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            done += 1
+            _report(progress, "finetune", done / iterations)
+    return deformation
+
+
+def _check_overlap(fixed_points: torch.Tensor, field: torch.Tensor, moving: sitk.Image) -> None:
+    moving_grid = Grid.from_image(moving)
+    mapped = (fixed_points + field[0].permute(1, 2, 3, 0))[::4, ::4, ::4].reshape(-1, 3).double().cpu().numpy()
+    index = moving_grid.physical_to_index(mapped)
+    inside = np.all((index >= -0.5) & (index <= np.asarray(moving_grid.size) - 0.5), axis=1).mean()
+    if inside < 0.05:
+        raise InputError(f"The fixed and moving volumes do not overlap in physical space ({inside:.1%} of the "
+                         "fixed volume maps into the moving one). Check their origins and directions, or "
+                         "let DeepRegister align their centres.")
+
+
+def register(fixed: sitk.Image, moving: sitk.Image, model: str | None = None, device: str = "auto",
+             iterations: int | None = None, progress: ProgressCallback | None = None, *,
+             metric: str | None = None, align_centers: bool = True) -> RegistrationResult:
+    """Register ``moving`` to ``fixed`` (SimpleITK 3D scalar volumes of any size, spacing, direction).
+
+    ``model``: a model name or folder (see :mod:`DeepRegisterLib.models`); ``None`` runs
+    fine-tuning alone from the identity. ``iterations``: fine-tuning steps (default: 0 with a
+    model, 150 without). ``metric``: "mi" or "lncc" for fine-tuning (default from the model card,
+    "mi" without a model). ``align_centers``: first shift the moving image so the image centres
+    coincide. ``progress(stage, fraction)`` is called during each stage; return ``False`` to
+    cancel (raises :class:`RegistrationCancelled`). On a CUDA out-of-memory error the
+    registration is redone on the CPU with a warning.
+    """
+    fixed = check_volume(fixed, "fixed")
+    moving = check_volume(moving, "moving")
+    if iterations is not None and iterations < 0:
+        raise InputError("The number of fine-tuning iterations cannot be negative.")
+    target = resolve_device(device)
+    try:
+        return _register(fixed, moving, model, target, iterations, progress, metric, align_centers)
+    except torch.OutOfMemoryError:
+        if target.type != "cuda":
+            raise
+        torch.cuda.empty_cache()
+        message = "The GPU ran out of memory; registration was redone on the CPU."
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
+        result = _register(fixed, moving, model, torch.device("cpu"), iterations, progress, metric, align_centers)
+        result.messages.insert(0, message)
+        return result
+
+
+def _register(fixed: sitk.Image, moving: sitk.Image, model: str | None, device: torch.device,
+              iterations: int | None, progress: ProgressCallback | None, metric: str | None,
+              align_centers: bool) -> RegistrationResult:
+    timings: dict[str, float] = {}
+    messages: list[str] = []
+    start = time.perf_counter()
+    _report(progress, "preprocess", 0.0)
+    if model is None:
+        card, network = instance_card(), None
+        iterations = DEFAULT_ITERATIONS_WITHOUT_MODEL if iterations is None else iterations
+        messages.append("No trained model given: the result comes from fine-tuning on this pair alone, "
+                        "starting from the identity (after aligning image centres).")
+    else:
+        card, network = load_model(model, device)
+        iterations = 0 if iterations is None else iterations
+    metric = metric or card.finetune_metric
+    grid = model_grid(fixed, card)
+    fixed_grid = Grid.from_image(fixed)
+    center_shift = Grid.from_image(moving).center - fixed_grid.center if align_centers else np.zeros(3)
+    if not align_centers:
+        low_f, high_f = physical_box(fixed)
+        low_m, high_m = physical_box(moving)
+        if np.any(high_f < low_m) or np.any(high_m < low_f):
+            raise InputError("The fixed and moving volumes do not overlap in physical space. Check their "
+                             "origins and directions, or let DeepRegister align their centres.")
+    shift = sitk.TranslationTransform(3, center_shift.tolist())
+    fixed_t = to_model_tensor(fixed, grid, sitk.Transform(), normalize_intensity(fixed, card.intensity_percentiles),
+                              device)
+    moving_t = to_model_tensor(moving, grid, shift, normalize_intensity(moving, card.intensity_percentiles), device)
+    timings["preprocess"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    _report(progress, "network", 0.0)
+    initial = torch.zeros(1, 3, *grid.shape, device=device)
+    if network is not None:
+        with torch.no_grad():
+            canonical = network(fixed_t, moving_t)["displacement"]
+        direction = torch.as_tensor(np.reshape(grid.direction, (3, 3)), dtype=canonical.dtype, device=device)
+        initial = torch.einsum("ij,bjzyx->bizyx", direction, canonical)
+    timings["network"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    deformation = None
+    if iterations > 0:
+        deformation = fine_tune(fixed_t, moving_t, initial, grid, iterations, metric, card.saliency_sigma_mm,
+                                progress)
+    timings["finetune"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    _report(progress, "output", 0.0)
+    with torch.no_grad():
+        model_points = spatial.physical_points(grid, device=device)
+        model_field = initial
+        if deformation is not None:
+            model_field = initial + deformation.displacement(model_points.view(-1, 3)).T.reshape(1, 3, *grid.shape)
+        warped_model = spatial.sample(moving_t, (model_points + model_field[0].permute(1, 2, 3, 0))[None], grid)
+        saliency_model = joint_saliency(fixed_t, warped_model, grid.spacing, card.saliency_sigma_mm)
+
+        fixed_points = spatial.physical_points(fixed_grid, device=device)
+        full = spatial.resample_field(initial, grid, fixed_grid)
+        if deformation is not None:
+            full = full + deformation.displacement(fixed_points.view(-1, 3)).T.reshape(1, 3, *fixed_grid.shape)
+        full = full + torch.as_tensor(center_shift, dtype=full.dtype, device=device).view(1, 3, 1, 1, 1)
+        _check_overlap(fixed_points, full, moving)
+        folding = spatial.folding_percent(full, fixed_grid)
+        transform = sitk.DisplacementFieldTransform(spatial.displacement_to_sitk(full.cpu(), fixed_grid))
+    warped = sitk.Resample(moving, fixed, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    saliency = sitk.Resample(_scalar_image(saliency_model.cpu(), grid), fixed, sitk.Transform(), sitk.sitkLinear, 0.0)
+    saliency = sitk.Clamp(saliency, sitk.sitkFloat32, 0.0, 1.0)
+    timings["output"] = time.perf_counter() - start
+    timings["total"] = sum(timings.values())
+    _report(progress, "output", 1.0)
+    name = card.name if network is not None else "none (fine-tuning only)"
+    return RegistrationResult(transform, warped, saliency, timings, folding, name, str(device), iterations, messages)
+
+
+def _scalar_image(volume: torch.Tensor, grid: Grid) -> sitk.Image:
+    image = sitk.GetImageFromArray(volume[0, 0].numpy().astype(np.float32))
+    image.SetSpacing(grid.spacing)
+    image.SetOrigin(grid.origin)
+    image.SetDirection(grid.direction)
+    return image

@@ -1,0 +1,225 @@
+"""One-page PNG summary of a registration: before/after, alignment, saliency, displacement.
+
+Three orthogonal planes through the centre of the fixed grid are shown in the radiological
+convention: axial with the patient's right on the image left and anterior up, coronal with
+the patient's right on the left and superior up, sagittal with anterior on the left and
+superior up.  Each plane is resampled from the images' physical (LPS) space onto square
+display pixels, so oblique grids (non-identity direction) and anisotropic spacing are shown
+with their true shape.  Rendering uses matplotlib's Agg canvas through
+:class:`matplotlib.figure.Figure` (no pyplot, no global backend switch), so it works headless
+and inside 3D Slicer.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import SimpleITK as sitk
+from matplotlib.axes import Axes
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
+
+_WIDTH_IN = 16.0
+_DPI = 100
+_MAX_PIXELS = 256  # display samples along the longest side of the physical box
+_ARROWS = 16  # quiver arrows along the longest side
+_COLUMNS = (
+    "fixed",
+    "moving (before)",
+    "warped moving (after)",
+    "checkerboard fixed / warped",
+    "joint saliency on fixed",
+    "displacement",
+)
+
+
+@dataclass(frozen=True)
+class _Plane:
+    """A display plane: a one-voxel-thick grid whose index axes are screen right and down."""
+
+    name: str
+    reference: sitk.Image
+    right: np.ndarray  # LPS direction of increasing column
+    down: np.ndarray  # LPS direction of increasing row
+    letters: tuple[str, str, str, str]  # patient direction at the left, right, top, bottom
+
+
+# (name, screen right, screen down, letters) in LPS; the normal completes the frame.
+_VIEWS = (
+    ("axial", (1, 0, 0), (0, 1, 0), ("R", "L", "A", "P")),
+    ("coronal", (1, 0, 0), (0, 0, -1), ("R", "L", "S", "I")),
+    ("sagittal", (0, 1, 0), (0, 0, -1), ("A", "P", "S", "I")),
+)
+
+
+def write_report_png(
+    path: str | os.PathLike[str],
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    warped: sitk.Image,
+    saliency: sitk.Image,
+    displacement: sitk.Image,
+    title: str = "",
+) -> None:
+    """Write the registration report PNG (1600 px wide) to ``path``.
+
+    All inputs are 3D images covering the fixed grid: ``moving`` is the moving image
+    resampled onto it before registration, ``warped`` after; ``saliency`` is the joint
+    saliency in [0, 1]; ``displacement`` a 3-component vector image of LPS displacements
+    in mm (fixed point p maps to moving point p + u(p)).
+    """
+    if displacement.GetNumberOfComponentsPerPixel() != 3:
+        raise ValueError("displacement must be a 3-component vector image (mm)")
+    planes = _planes(fixed)
+    images = {"fixed": fixed, "moving": moving, "warped": warped, "saliency": saliency}
+    samples = [{name: _sample(image, plane) for name, image in images.items()} for plane in planes]
+    vectors = [_sample(displacement, plane) for plane in planes]
+    fixed_window, moving_window = _window(fixed), _window(moving)
+    largest = max(float(np.nanmax(np.linalg.norm(v, axis=-1), initial=0.0)) for v in vectors)
+    step = max(1, round(max(max(p.reference.GetSize()[:2]) for p in planes) / _ARROWS))
+    pixels_per_mm = _arrow_pixels_per_mm(vectors, planes, step)
+
+    heights = [min(max(p.reference.GetHeight() / p.reference.GetWidth(), 0.4), 1.5) for p in planes]
+    figure = Figure(
+        figsize=(_WIDTH_IN, _WIDTH_IN / len(_COLUMNS) * sum(heights) + 1.6),
+        dpi=_DPI,
+        layout="constrained",
+    )
+    axes = figure.subplots(len(planes), len(_COLUMNS), gridspec_kw={"height_ratios": heights})
+    for row, (ax, plane, sample, vector) in enumerate(zip(axes, planes, samples, vectors)):
+        gray = {"cmap": "gray", "interpolation": "bilinear"}
+        ax[0].imshow(sample["fixed"], vmin=fixed_window[0], vmax=fixed_window[1], **gray)
+        ax[1].imshow(sample["moving"], vmin=moving_window[0], vmax=moving_window[1], **gray)
+        ax[2].imshow(sample["warped"], vmin=moving_window[0], vmax=moving_window[1], **gray)
+        checkerboard = _checkerboard(sample["fixed"], sample["warped"], fixed_window, moving_window)
+        ax[3].imshow(checkerboard, vmin=0.0, vmax=1.0, **gray)
+        ax[4].imshow(sample["fixed"], vmin=fixed_window[0], vmax=fixed_window[1], **gray)
+        confidence = np.clip(np.nan_to_num(sample["saliency"], nan=0.0), 0.0, 1.0)
+        # Opacity grows with saliency: the anatomy stays visible where the map is low.
+        ax[4].imshow(confidence, cmap="inferno", vmin=0.0, vmax=1.0, alpha=0.2 + 0.7 * confidence)
+        magnitude = np.linalg.norm(vector, axis=-1)
+        moved = ax[5].imshow(magnitude, cmap="viridis", vmin=0.0, vmax=max(largest, 1e-6))
+        if pixels_per_mm > 0:
+            _quiver(ax[5], vector, plane, step, pixels_per_mm)
+        for axis, heading in zip(ax, _COLUMNS):
+            _decorate(axis, plane, heading if row == 0 else "")
+        ax[0].set_ylabel(plane.name, fontsize=12)
+
+    salient = ScalarMappable(Normalize(0.0, 1.0), "inferno")
+    bar = {"location": "bottom", "shrink": 0.9}
+    figure.colorbar(salient, ax=axes[:, 4], label="joint saliency (0-1)", **bar)
+    figure.colorbar(moved, ax=axes[:, 5], label="displacement |u| (mm)", **bar)
+    if pixels_per_mm > 0:
+        exaggeration = pixels_per_mm * planes[0].reference.GetSpacing()[0]
+        axes[0, 5].set_title(f"displacement (arrows ×{exaggeration:.2g})", fontsize=10)
+    size = "×".join(str(n) for n in fixed.GetSize())
+    voxel = "×".join(f"{s:.2f}" for s in fixed.GetSpacing())
+    figure.suptitle(
+        f"{title or 'DeepRegister registration report'}\n"
+        f"fixed grid {size} voxels of {voxel} mm; planes through the grid centre; "
+        "radiological view (patient right on image left)",
+        fontsize=12,
+    )
+    figure.savefig(path, dpi=_DPI, format="png", pil_kwargs={"compress_level": 1})
+
+
+def _arrow_pixels_per_mm(vectors: list[np.ndarray], planes: list[_Plane], step: int) -> float:
+    """Arrow length per mm of in-plane displacement: the 99th percentile spans 90 % of ``step``
+    pixels; 0 when there is no displacement to draw."""
+    in_plane = [np.hypot(v @ p.right, v @ p.down).ravel() for v, p in zip(vectors, planes)]
+    lengths = np.concatenate(in_plane)
+    lengths = lengths[np.isfinite(lengths)]
+    longest = float(np.percentile(lengths, 99)) if lengths.size else 0.0
+    return 0.9 * step / longest if longest > 1e-6 else 0.0
+
+
+def _planes(image: sitk.Image) -> list[_Plane]:
+    """Display planes through the centre of the image's physical box, square pixels."""
+    size = np.array(image.GetSize())
+    corners = np.array(
+        [
+            image.TransformContinuousIndexToPhysicalPoint([float(c) for c in corner])
+            for corner in np.array(np.meshgrid(*[(-0.5, n - 0.5) for n in size])).reshape(3, -1).T
+        ]
+    )
+    centre = corners.mean(axis=0)
+    extent = np.ptp(corners, axis=0)
+    spacing = max(min(image.GetSpacing()), float(extent.max()) / _MAX_PIXELS)
+    planes = []
+    for name, right, down, letters in _VIEWS:
+        right, down = np.array(right, float), np.array(down, float)
+        normal = np.cross(right, down)
+        shape = [max(1, math.ceil(float(np.ptp(corners @ a)) / spacing)) for a in (right, down)]
+        reference = sitk.Image(shape[0], shape[1], 1, sitk.sitkUInt8)
+        reference.SetSpacing((spacing, spacing, spacing))
+        reference.SetDirection(tuple(np.column_stack([right, down, normal]).ravel()))
+        corner = centre - spacing * ((shape[0] - 1) / 2 * right + (shape[1] - 1) / 2 * down)
+        reference.SetOrigin(tuple(corner))
+        planes.append(_Plane(name, reference, right, down, letters))
+    return planes
+
+
+def _sample(image: sitk.Image, plane: _Plane) -> np.ndarray:
+    """Linear samples of ``image`` on the plane, (rows, columns[, components]); NaN outside."""
+    vector = image.GetNumberOfComponentsPerPixel() > 1
+    pixel = sitk.sitkVectorFloat32 if vector else sitk.sitkFloat32
+    resampled = sitk.Resample(
+        image, plane.reference, sitk.Transform(), sitk.sitkLinear, math.nan, pixel
+    )
+    return sitk.GetArrayFromImage(resampled)[0].astype(np.float64)
+
+
+def _window(image: sitk.Image) -> tuple[float, float]:
+    """1st-99th percentile intensity window."""
+    low, high = (float(v) for v in np.percentile(sitk.GetArrayViewFromImage(image), (1, 99)))
+    return low, (high if high > low else low + 1.0)
+
+
+def _checkerboard(
+    fixed: np.ndarray,
+    warped: np.ndarray,
+    fixed_window: tuple[float, float],
+    moving_window: tuple[float, float],
+) -> np.ndarray:
+    """Alternating squares of the windowed fixed and warped images (8 along the long side)."""
+    tile = max(2, round(max(fixed.shape) / 8))
+    rows, columns = np.indices(fixed.shape)
+    take_fixed = (rows // tile + columns // tile) % 2 == 0
+    return np.where(take_fixed, _normalise(fixed, fixed_window), _normalise(warped, moving_window))
+
+
+def _normalise(values: np.ndarray, window: tuple[float, float]) -> np.ndarray:
+    return np.clip((values - window[0]) / (window[1] - window[0]), 0.0, 1.0)
+
+
+def _quiver(
+    axis: Axes, displacement: np.ndarray, plane: _Plane, step: int, pixels_per_mm: float
+) -> None:
+    """In-plane displacement arrows every ``step`` pixels (rows and columns grow down, right)."""
+    height, width = displacement.shape[:2]
+    rows, columns = np.mgrid[step // 2 : height : step, step // 2 : width : step]
+    vectors = displacement[rows, columns]
+    u, v = vectors @ plane.right * pixels_per_mm, vectors @ plane.down * pixels_per_mm
+    keep = np.isfinite(u) & np.isfinite(v)
+    axis.quiver(
+        columns[keep], rows[keep], u[keep], v[keep],
+        angles="xy", scale_units="xy", scale=1.0, pivot="mid", color="white", width=0.006,
+    )
+
+
+def _decorate(axis: Axes, plane: _Plane, title: str) -> None:
+    """Black background, no ticks, a title (may be empty) and patient orientation letters."""
+    axis.set_facecolor("black")
+    axis.set_xticks([])
+    axis.set_yticks([])
+    axis.set_title(title, fontsize=10)
+    style = {"transform": axis.transAxes, "color": "yellow", "fontsize": 8, "fontweight": "bold"}
+    left, right, top, bottom = plane.letters
+    axis.text(0.02, 0.5, left, ha="left", va="center", **style)
+    axis.text(0.98, 0.5, right, ha="right", va="center", **style)
+    axis.text(0.5, 0.98, top, ha="center", va="top", **style)
+    axis.text(0.5, 0.02, bottom, ha="center", va="bottom", **style)
