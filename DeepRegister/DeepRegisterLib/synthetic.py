@@ -138,3 +138,26 @@ def make_phantom_pair(seed: int = 0, size: tuple[int, int, int] = (96, 96, 96), 
         fixed = (fixed + noise) * 255.0
     moving = moving * 255.0
     return PhantomPair(fixed, moving, fixed_gland, moving_gland, fixed_points, moving_points, transform)
+
+
+SAMPLE_FILES = ("fixed_us.nii.gz", "moving_mr.nii.gz", "fixed_gland.nii.gz", "moving_gland.nii.gz",
+                "fixed_landmarks.fcsv", "moving_landmarks.fcsv")
+
+
+def write_sample_data(folder: str, seed: int = 7) -> None:
+    """Write the bundled demo pair: a 96^3, 1.33 mm phantom, ultrasound-like fixed and MR-like moving
+    (uint8), gland masks and corresponding landmarks (Slicer .fcsv)."""
+    from pathlib import Path
+
+    from .landmarks import Landmarks, write_fcsv
+
+    pair = make_phantom_pair(seed, (96, 96, 96), spacing=4.0 / 3.0, max_mm=10.0)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    names = iter(SAMPLE_FILES)
+    for image in (pair.fixed, pair.moving, pair.fixed_gland, pair.moving_gland):
+        sitk.WriteImage(sitk.Cast(sitk.Clamp(image, image.GetPixelID(), 0, 255), sitk.sitkUInt8),
+                        str(folder / next(names)), useCompression=True)
+    labels = [f"L{i + 1}" for i in range(len(pair.fixed_points))]
+    write_fcsv(folder / next(names), Landmarks(pair.fixed_points, labels))
+    write_fcsv(folder / next(names), Landmarks(pair.moving_points, labels))
