@@ -61,7 +61,7 @@ def structure_tensor(image: torch.Tensor, spacing: tuple[float, float, float], s
     products = torch.cat([gradients[i] * gradients[j] for i, j in _PAIRS], dim=1)
     tensor = gaussian_smooth(products, sigma_mm, spacing)
     trace = tensor[:, :3].sum(dim=1, keepdim=True).mean(dim=(2, 3, 4), keepdim=True)
-    return tensor / (trace + _EPS)
+    return tensor / trace.clamp(min=1e-30)
 
 
 def tensor_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

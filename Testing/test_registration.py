@@ -1,0 +1,136 @@
+"""register() end to end on phantom pairs with known deformation, plus saliency and loss properties."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from DeepRegisterLib import registration
+from DeepRegisterLib.landmarks import tre
+from DeepRegisterLib.losses import bending_energy, lncc_loss, mutual_information_loss
+from DeepRegisterLib.metrics import dice_per_label
+from DeepRegisterLib.saliency import joint_saliency
+from DeepRegisterLib.spatial import Grid
+from DeepRegisterLib.synthetic import make_phantom_pair
+
+
+def centre_shift(fixed: sitk.Image, moving: sitk.Image) -> sitk.Transform:
+    shift = Grid.from_image(moving).center - Grid.from_image(fixed).center
+    return sitk.TranslationTransform(3, shift.tolist())
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["monomodal", "ultrasound-like"])
+def registered(request: pytest.FixtureRequest) -> tuple:
+    pair = make_phantom_pair(12, (64, 64, 64), spacing=2.0, max_mm=10.0, ultrasound=request.param)
+    result = registration.register(pair.fixed, pair.moving, iterations=100, device="cpu")
+    return pair, result
+
+
+def test_finetuning_halves_median_tre(registered: tuple) -> None:
+    pair, result = registered
+    before = np.median(tre(pair.fixed_points, pair.moving_points, centre_shift(pair.fixed, pair.moving)))
+    after = np.median(tre(pair.fixed_points, pair.moving_points, result.transform))
+    assert before > 3.0
+    assert after < 0.5 * before, (before, after)
+    assert result.folding_percent < 0.5
+    assert result.messages and "fine-tuning" in result.messages[0]
+
+
+def test_gland_dice_rises(registered: tuple) -> None:
+    pair, result = registered
+    before = dice_per_label(pair.fixed_gland, pair.moving_gland, centre_shift(pair.fixed, pair.moving))["label 1"]
+    after = dice_per_label(pair.fixed_gland, pair.moving_gland, result.transform)["label 1"]
+    assert after > before and after > 0.85, (before, after)
+
+
+def test_outputs_on_fixed_grid_and_transform_round_trip(registered: tuple, tmp_path) -> None:
+    pair, result = registered
+    for image in (result.warped, result.saliency, result.displacement_field()):
+        assert image.GetSize() == pair.fixed.GetSize()
+        np.testing.assert_allclose(image.GetSpacing(), pair.fixed.GetSpacing())
+        np.testing.assert_allclose(image.GetOrigin(), pair.fixed.GetOrigin())
+        np.testing.assert_allclose(image.GetDirection(), pair.fixed.GetDirection(), atol=1e-12)
+    saliency = sitk.GetArrayFromImage(result.saliency)
+    assert saliency.min() >= 0.0 and saliency.max() <= 1.0 and saliency.std() > 0.01
+    path = tmp_path / "transform.h5"
+    sitk.WriteTransform(result.transform, str(path))
+    loaded = sitk.ReadTransform(str(path))
+    for point in pair.fixed_points:
+        np.testing.assert_allclose(loaded.TransformPoint(tuple(point)), result.transform.TransformPoint(tuple(point)),
+                                   atol=1e-9)
+    # The warped image is the moving image resampled through the transform (ITK convention).
+    expected = sitk.Resample(pair.moving, pair.fixed, loaded, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    np.testing.assert_allclose(sitk.GetArrayFromImage(result.warped), sitk.GetArrayFromImage(expected), atol=1e-3)
+    assert set(result.timings) >= {"preprocess", "network", "finetune", "output", "total"}
+
+
+def test_zero_iterations_without_model_is_centre_alignment() -> None:
+    pair = make_phantom_pair(2, (32, 32, 32), spacing=4.0)
+    result = registration.register(pair.fixed, pair.moving, iterations=0)
+    shift = centre_shift(pair.fixed, pair.moving)
+    for point in pair.fixed_points:
+        np.testing.assert_allclose(result.transform.TransformPoint(tuple(point)), shift.TransformPoint(tuple(point)),
+                                   atol=1e-4)
+
+
+def test_gpu_out_of_memory_falls_back_to_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the OOM path is simulated: the CPU rerun is the real engine."""
+    pair = make_phantom_pair(3, (32, 32, 32), spacing=4.0)
+    real = registration._register
+    devices = []
+
+    def fake(fixed, moving, model, device, *args):
+        devices.append(device.type)
+        if device.type == "cuda":
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(fixed, moving, model, device, *args)
+
+    monkeypatch.setattr(registration, "_register", fake)
+    monkeypatch.setattr(registration, "resolve_device", lambda device: torch.device("cuda"))
+    with pytest.warns(RuntimeWarning, match="out of memory"):
+        result = registration.register(pair.fixed, pair.moving, iterations=2, device="cuda")
+    assert devices == ["cuda", "cpu"] and result.device == "cpu"
+    assert "out of memory" in result.messages[0]
+
+
+def blob_image(shift: float = 0.0, size: int = 24) -> torch.Tensor:
+    z, y, x = torch.meshgrid(*[torch.arange(size, dtype=torch.float32)] * 3, indexing="ij")
+    image = torch.exp(-((x - 12 - shift) ** 2 + (y - 11) ** 2 + (z - 12) ** 2) / 20.0)
+    image = image + 0.5 * torch.exp(-((x - 6 - shift) ** 2 + (y - 16) ** 2 + (z - 8) ** 2) / 8.0)
+    return image[None, None]
+
+
+def test_joint_saliency_properties() -> None:
+    spacing = (1.0, 1.0, 1.0)
+    fixed = blob_image()
+    aligned = joint_saliency(fixed, fixed.clone(), spacing)
+    shifted = joint_saliency(fixed, blob_image(4.0), spacing)
+    assert aligned.min() >= 0 and aligned.max() <= 1 and shifted.min() >= 0 and shifted.max() <= 1
+    # identical images agree everywhere their structure is salient; a shifted one agrees less
+    assert aligned.mean() > shifted.mean()
+    # the map does not depend on either image's intensity scale or offset
+    rescaled = joint_saliency(fixed * 250.0 + 17.0, blob_image(4.0) * 0.01, spacing)
+    torch.testing.assert_close(rescaled, shifted, atol=2e-3, rtol=0)
+    # per-sample normalisation: one pair's map does not depend on the others in the batch
+    batch = joint_saliency(torch.cat([fixed, fixed * 9]), torch.cat([blob_image(4.0), fixed]), spacing)
+    torch.testing.assert_close(batch[:1], shifted, atol=1e-5, rtol=0)
+    moving = blob_image(2.0).requires_grad_(True)
+    joint_saliency(fixed, moving, spacing).sum().backward()
+    assert torch.isfinite(moving.grad).all() and moving.grad.abs().sum() > 0
+
+
+def test_similarity_losses_prefer_alignment() -> None:
+    fixed = blob_image()
+    remapped = 1.0 - fixed  # a different "modality": inverted intensities
+    assert mutual_information_loss(fixed, remapped) < mutual_information_loss(fixed, 1.0 - blob_image(3.0)) - 0.05
+    assert lncc_loss(fixed, fixed) < lncc_loss(fixed, blob_image(3.0)) - 0.05
+    grid = Grid((16, 16, 16), (2.0, 2.0, 2.0), (0.0, 0.0, 0.0))
+    from DeepRegisterLib.spatial import affine_displacement
+
+    affine = affine_displacement(torch.tensor([[[1.1, 0.1, 0, 2.0], [0, 0.9, 0, 0], [0, 0, 1.0, -1.0]]]), grid)
+    assert bending_energy(affine, grid.spacing) < 1e-8
+    wavy = torch.zeros(1, 3, 16, 16, 16)
+    wavy[:, 0] = 5.0 * torch.sin(torch.arange(16.0) / 2.0).view(1, 1, 16)
+    assert bending_energy(wavy, grid.spacing) > 1e-3
