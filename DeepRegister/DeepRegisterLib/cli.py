@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import sys
 import tempfile
@@ -49,18 +48,26 @@ class ProgressBar:
         sys.stderr.flush()
 
 
-def _peak_memory_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+def peak_memory_mb() -> float | None:
+    """Peak resident memory of this process in MB (None where the OS does not say, e.g. Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1024.0 ** 2 if sys.platform == "darwin" else 1024.0), 1)
 
 
-def _prepare_out(out: Path, overwrite: bool) -> Path:
-    """Refuse an existing ``out`` unless ``overwrite``; return a fresh temporary folder beside it."""
+def _prepare_out(out: Path, overwrite: bool) -> tuple[Path, list[Path]]:
+    """Refuse an existing ``out`` unless ``overwrite``; return a fresh temporary folder beside it
+    and the parent folders that had to be created (removed again if the run fails)."""
     if out.exists() and not overwrite:
         raise InputError(f"Output folder {out} already exists; choose another --out or add --overwrite.")
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} exists and is not a folder.")
+    created = [parent for parent in reversed(out.absolute().parents) if not parent.exists()]
     out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent)), created
 
 
 def _publish(temporary: Path, out: Path) -> None:
@@ -94,7 +101,8 @@ def run_registration(fixed_path: str, moving_path: str, out: Path, model: str | 
 
     pair = _read_landmark_pair(*landmarks)
     fixed, moving = read_image(fixed_path), read_image(moving_path)
-    temporary = _prepare_out(out, overwrite)
+    temporary, created = _prepare_out(out, overwrite)
+    published = False
     try:
         result = register(fixed, moving, model=model, device=device, iterations=iterations,
                           progress=progress, align_centers=align_centers)
@@ -105,7 +113,7 @@ def run_registration(fixed_path: str, moving_path: str, out: Path, model: str | 
         report = {
             "fixed": str(fixed_path), "moving": str(moving_path), "model": result.model,
             "device": result.device, "iterations": result.iterations, "seconds": result.timings,
-            "peak_memory_mb": round(_peak_memory_mb(), 1), "folding_percent": result.folding_percent,
+            "peak_memory_mb": peak_memory_mb(), "folding_percent": result.folding_percent,
             "messages": result.messages, "transform_direction": "fixed -> moving (ITK, LPS mm)",
         }
         if pair is not None:
@@ -113,10 +121,12 @@ def run_registration(fixed_path: str, moving_path: str, out: Path, model: str | 
             after = tre(fixed_points, moving_points, result.transform)
             report["tre_mm"] = {
                 "before": tre_summary(tre(fixed_points, moving_points)),
-                "centres_aligned": tre_summary(tre(fixed_points, moving_points, _centre_shift(fixed, moving))),
                 "after": tre_summary(after),
-                "per_landmark_after": {label: float(e) for label, e in zip(pair[0].labels, after)},
+                "per_landmark_after": [{"label": label, "tre_mm": float(e)} for label, e in zip(pair[0].labels, after)],
             }
+            if align_centers:
+                report["tre_mm"]["centres_aligned"] = tre_summary(tre(fixed_points, moving_points,
+                                                                      _centre_shift(fixed, moving)))
         moving_before = sitk.Resample(moving, fixed, _centre_shift(fixed, moving) if align_centers
                                       else sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
         write_report_png(temporary / "report.png", fixed, moving_before, result.warped, result.saliency,
@@ -124,9 +134,14 @@ def run_registration(fixed_path: str, moving_path: str, out: Path, model: str | 
         report["seconds"]["write"] = time.perf_counter() - start
         (temporary / "report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
         _publish(temporary, out)
+        published = True
         return report
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
+        if not published:
+            for folder in reversed(created):
+                if folder.is_dir() and not any(folder.iterdir()):
+                    folder.rmdir()
 
 
 def _centre_shift(fixed: sitk.Image, moving: sitk.Image) -> sitk.Transform:
@@ -138,21 +153,24 @@ def _centre_shift(fixed: sitk.Image, moving: sitk.Image) -> sitk.Transform:
 def _title(report: dict) -> str:
     title = f"DeepRegister - model: {report['model']} - {report['seconds']['total']:.1f} s on {report['device']}"
     if "tre_mm" in report:
-        title += (f" - median TRE {report['tre_mm']['centres_aligned']['median']:.1f} (centres aligned) -> "
+        start = "centres_aligned" if "centres_aligned" in report["tre_mm"] else "before"
+        title += (f" - median TRE {report['tre_mm'][start]['median']:.1f} ({start.replace('_', ' ')}) -> "
                   f"{report['tre_mm']['after']['median']:.1f} mm")
     return title + f" - folding {report['folding_percent']:.2f} %"
 
 
 def _summary(report: dict, out: Path) -> str:
+    memory = f"peak memory {report['peak_memory_mb']:.0f} MB, " if report["peak_memory_mb"] is not None else ""
     lines = [f"Registered with {report['model']} on {report['device']} in {report['seconds']['total']:.1f} s "
-             f"(peak memory {report['peak_memory_mb']:.0f} MB, folding {report['folding_percent']:.3f} %)."]
+             f"({memory}folding {report['folding_percent']:.3f} %)."]
     lines += report["messages"]
     if "tre_mm" in report:
         tre_mm = report["tre_mm"]
         lines.append(f"Landmark TRE (mm), median / mean / max over {tre_mm['after']['n']} pairs:")
         for stage, name in (("before", "as loaded"), ("centres_aligned", "centres aligned"), ("after", "registered")):
-            lines.append(f"  {name:<16} {tre_mm[stage]['median']:6.2f} / {tre_mm[stage]['mean']:6.2f} / "
-                         f"{tre_mm[stage]['max']:6.2f}")
+            if stage in tre_mm:
+                lines.append(f"  {name:<16} {tre_mm[stage]['median']:6.2f} / {tre_mm[stage]['mean']:6.2f} / "
+                             f"{tre_mm[stage]['max']:6.2f}")
     lines.append(f"Outputs in {out}: transform.h5 (fixed->moving), warped.nii.gz, saliency.nii.gz, "
                  "report.json, report.png")
     return "\n".join(lines)

@@ -121,16 +121,18 @@ def downsample(volume: torch.Tensor, grid: Grid, factor: int) -> tuple[torch.Ten
 
 
 class PairDeformation(torch.nn.Module):
-    """Fine-tuned correction on top of a fixed initial field: affine + multi-level control-point field.
+    """Fine-tuned correction on top of a fixed initial field: affine + diffeomorphic local field.
 
     ``displacement(points)`` gives, for physical points (N, 3) in mm (x y z), the displacement
-    (N, 3) in mm added to the initial field: ``A (p - c) + t - (p - c)`` plus trilinear
-    interpolation of control-point displacements on grids of ``control_spacings_mm``.
+    (N, 3) in mm added to the initial field: ``(A - I)(p - c) + t`` plus the exponential of a
+    stationary velocity field. The velocity is the sum of control-point grids of
+    ``control_spacings_mm`` (trilinear), integrated by scaling and squaring on a grid of half
+    the finest control spacing, so the local correction cannot fold.
     """
 
     def __init__(self, grid: Grid, control_spacings_mm: tuple[float, ...]) -> None:
         super().__init__()
-        self.center = torch.as_tensor(grid.center, dtype=torch.float32)
+        self.register_buffer("center", torch.as_tensor(grid.center, dtype=torch.float32))
         self.matrix = torch.nn.Parameter(torch.zeros(3, 3))
         self.translation = torch.nn.Parameter(torch.zeros(3))
         extent = (np.asarray(grid.size) - 1) * np.asarray(grid.spacing)
@@ -138,21 +140,28 @@ class PairDeformation(torch.nn.Module):
         fields = []
         for step in control_spacings_mm:
             size = tuple(int(max(4, math.ceil(e / step) + 3)) for e in extent)
-            control = Grid.centered(grid.center, size, (step,) * 3, grid.direction)
-            self.control_grids.append(control)
-            fields.append(torch.nn.Parameter(torch.zeros(1, 3, *control.shape)))
+            self.control_grids.append(Grid.centered(grid.center, size, (step,) * 3, grid.direction))
+            fields.append(torch.nn.Parameter(torch.zeros(1, 3, *self.control_grids[-1].shape)))
         self.fields = torch.nn.ParameterList(fields)
+        step = min(control_spacings_mm) / 2
+        size = tuple(int(math.ceil(e / step) + 5) for e in extent)
+        self.velocity_grid = Grid.centered(grid.center, size, (step,) * 3, grid.direction)
+        self.register_buffer("velocity_points", spatial.physical_points(self.velocity_grid)[None])
+
+    def local_field(self) -> torch.Tensor:
+        """The integrated local displacement (1, 3, Z, Y, X) in mm on ``velocity_grid``."""
+        velocity = sum(spatial.sample(values, self.velocity_points, control, "bilinear", "border")
+                       for control, values in zip(self.control_grids, self.fields))
+        return spatial.integrate_velocity(velocity, self.velocity_grid, steps=6)
 
     def displacement(self, points: torch.Tensor) -> torch.Tensor:
-        centered = points - self.center.to(points)
-        result = centered @ self.matrix.T + self.translation
-        for control, values in zip(self.control_grids, self.fields):
-            sampled = spatial.sample(values, points.view(1, -1, 1, 1, 3), control, "bilinear", "border")
-            result = result + sampled.view(3, -1).T
-        return result
+        result = (points - self.center) @ self.matrix.T + self.translation
+        local = spatial.sample(self.local_field(), points.view(1, -1, 1, 1, 3), self.velocity_grid,
+                               "bilinear", "border")
+        return result + local.view(3, -1).T
 
     def regularization(self) -> torch.Tensor:
-        """Bending energy of the control-point fields (unitless)."""
+        """Bending energy of the velocity control-point fields (unitless)."""
         return sum(bending_energy(values, control.spacing) for control, values in zip(self.control_grids, self.fields))
 
 
@@ -188,7 +197,6 @@ def fine_tune(fixed: torch.Tensor, moving: torch.Tensor, initial: torch.Tensor, 
     device = fixed.device
     extent = float(((np.asarray(grid.size) - 1) * np.asarray(grid.spacing)).max())
     deformation = PairDeformation(grid, (extent / 4, extent / 8)).to(device)
-    deformation.center = deformation.center.to(device)
     generator = torch.Generator(device=device).manual_seed(seed)
     levels = [(2, iterations // 2), (1, iterations - iterations // 2)]
     done = 0
