@@ -1,0 +1,282 @@
+"""Headless logic of the DeepRegister Slicer module: works on any vtkMRMLScene (slicer-core, no Qt).
+
+```python
+logic = RegistrationLogic(scene)
+result = logic.register(fixedVolumeNode, movingVolumeNode)
+result.transformNode      # TransformFromParent maps fixed RAS -> moving RAS
+table = logic.measureTRE(fixedLandmarksNode, movingLandmarksNode, result.transformNode)
+logic.showResults(result)
+```
+
+Bad input raises :class:`LogicError` and leaves the scene as it was.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import vtk
+
+from . import mrml
+from .imageio import InputError
+from .registration import ProgressCallback, register as register_images
+
+FIELD_MODES = ("off", "glyphs", "grid", "contours")
+SALIENCY_COLORMAP_NAME = "DeepRegister saliency (inferno)"
+
+
+class LogicError(ValueError):
+    """Input the logic cannot work with; the message is meant for the person at the console."""
+
+
+@dataclass
+class MRMLRegistrationResult:
+    """Nodes and figures of one registration."""
+
+    fixedVolumeNode: object
+    movingVolumeNode: object
+    transformNode: object
+    saliencyNode: object
+    warpedNode: object | None
+    timings: dict[str, float]
+    foldingPercent: float
+    model: str
+    device: str
+    messages: list[str] = field(default_factory=list)
+
+
+def _check_volume_node(node, role: str) -> None:
+    if node is None:
+        raise LogicError(f"Select a {role} volume.")
+    if not node.IsA("vtkMRMLScalarVolumeNode") or node.GetImageData() is None:
+        raise LogicError(f"The {role} volume '{node.GetName()}' holds no image data.")
+    if node.GetImageData().GetNumberOfScalarComponents() != 1:
+        raise LogicError(f"The {role} volume '{node.GetName()}' is a colour or vector volume; "
+                         "select a single-component (scalar) volume.")
+    if min(node.GetImageData().GetDimensions()) < 4:
+        raise LogicError(f"The {role} volume '{node.GetName()}' is a 2D image or a few slices "
+                         f"({node.GetImageData().GetDimensions()}); DeepRegister registers 3D volumes.")
+
+
+class RegistrationLogic:
+    """Registration, TRE measurement and result display on an MRML scene."""
+
+    def __init__(self, scene) -> None:
+        self.scene = scene
+
+    # -- registration --------------------------------------------------------------------------
+    def register(self, fixedVolumeNode, movingVolumeNode, model: str | None = None, device: str = "auto",
+                 iterations: int | None = None, progress: ProgressCallback | None = None,
+                 outputTransformNode=None, saliencyNode=None, warpedNode=None,
+                 createWarped: bool = False) -> MRMLRegistrationResult:
+        """Register the moving volume to the fixed one; the moving volume is put under the new transform.
+
+        Output nodes that are given are filled in; missing ones are created (the warped volume only
+        when ``createWarped``). Nothing in the scene changes before the engine has succeeded.
+        """
+        _check_volume_node(fixedVolumeNode, "fixed")
+        _check_volume_node(movingVolumeNode, "moving")
+        if fixedVolumeNode is movingVolumeNode:
+            raise LogicError("The fixed and moving volumes are the same volume; select two different volumes.")
+        for node, role in ((outputTransformNode, "output transform"), (saliencyNode, "saliency volume"),
+                           (warpedNode, "warped volume")):
+            if node is not None and node in (fixedVolumeNode, movingVolumeNode):
+                raise LogicError(f"The {role} cannot be one of the input volumes.")
+        if outputTransformNode is not None and movingVolumeNode.GetParentTransformNode() is not None \
+                and movingVolumeNode.GetParentTransformNode() is not outputTransformNode:
+            raise LogicError(f"The moving volume '{movingVolumeNode.GetName()}' is already under the transform "
+                             f"'{movingVolumeNode.GetParentTransformNode().GetName()}'; harden or remove it first.")
+        try:
+            result = register_images(mrml.volume_to_sitk(fixedVolumeNode), mrml.volume_to_sitk(movingVolumeNode),
+                                     model=model, device=device, iterations=iterations, progress=progress)
+        except InputError as error:
+            raise LogicError(str(error)) from None
+
+        created = []
+
+        def node_of(node, class_name: str, name: str):
+            if node is None:
+                node = self.scene.AddNewNodeByClass(class_name, self.scene.GenerateUniqueName(name))
+                created.append(node)
+            return node
+
+        base = f"{movingVolumeNode.GetName()} to {fixedVolumeNode.GetName()}"
+        try:
+            transformNode = node_of(outputTransformNode, "vtkMRMLGridTransformNode", f"{base} DeepRegister")
+            transformNode.SetAndObserveTransformFromParent(mrml.grid_transform_from_field(result.displacement_field()))
+            saliencyNode = node_of(saliencyNode, "vtkMRMLScalarVolumeNode", f"{base} joint saliency")
+            mrml.update_volume_from_sitk(saliencyNode, result.saliency)
+            if warpedNode is not None or createWarped:
+                warpedNode = node_of(warpedNode, "vtkMRMLScalarVolumeNode", f"{base} warped")
+                mrml.update_volume_from_sitk(warpedNode, result.warped)
+            movingVolumeNode.SetAndObserveTransformNodeID(transformNode.GetID())
+        except Exception:
+            for node in created:
+                self.scene.RemoveNode(node)
+            raise
+        return MRMLRegistrationResult(fixedVolumeNode, movingVolumeNode, transformNode, saliencyNode, warpedNode,
+                                      result.timings, result.folding_percent, result.model, result.device,
+                                      result.messages)
+
+    # -- landmarks -----------------------------------------------------------------------------
+    def measureTRE(self, fixedLandmarksNode, movingLandmarksNode, transformNode=None, tableNode=None):
+        """Per-pair landmark errors (mm) before and after ``transformNode`` in a table node.
+
+        Pairs are matched by order; positions are each markups node's own coordinates, so moving
+        landmarks may sit under the registration transform. Rows: one per pair (Pair, Label,
+        Before, After, Worst), then Mean, Std, Median, Max. "Worst" marks the pairs whose error
+        is at or above the 80th percentile (the largest one at least).
+        """
+        if fixedLandmarksNode is None or movingLandmarksNode is None:
+            raise LogicError("Select both a fixed and a moving landmarks node.")
+        fixed = mrml.markups_points_ras(fixedLandmarksNode)
+        moving = mrml.markups_points_ras(movingLandmarksNode)
+        if len(fixed) != len(moving):
+            raise LogicError(f"{len(fixed)} fixed and {len(moving)} moving landmarks: place the same number; "
+                             "pairs are matched by order.")
+        if len(fixed) == 0:
+            raise LogicError("Place at least one pair of landmarks.")
+        before = np.linalg.norm(fixed - moving, axis=1)
+        after = None
+        if transformNode is not None:
+            transform = transformNode.GetTransformFromParent()
+            mapped = np.array([transform.TransformPoint(p) for p in fixed])
+            after = np.linalg.norm(mapped - moving, axis=1)
+        ranked = after if after is not None else before
+        worst = ranked >= max(np.percentile(ranked, 80), ranked.max() if len(ranked) < 5 else -np.inf)
+
+        if tableNode is None:
+            tableNode = self.scene.AddNewNodeByClass("vtkMRMLTableNode", self.scene.GenerateUniqueName("DeepRegister TRE"))
+        table = vtk.vtkTable()
+        columns = {}
+        for name, array_type in (("Pair", vtk.vtkStringArray), ("Label", vtk.vtkStringArray),
+                                 ("Before (mm)", vtk.vtkDoubleArray), ("After (mm)", vtk.vtkDoubleArray),
+                                 ("Worst", vtk.vtkStringArray)):
+            column = array_type()
+            column.SetName(name)
+            table.AddColumn(column)
+            columns[name] = column
+        labels = mrml.markups_labels(fixedLandmarksNode)
+        for index in range(len(fixed)):
+            self._addRow(columns, str(index + 1), labels[index], before[index],
+                         after[index] if after is not None else float("nan"), "yes" if worst[index] else "")
+        for name, statistic in (("Mean", np.mean), ("Std", np.std), ("Median", np.median), ("Max", np.max)):
+            self._addRow(columns, name, "", float(statistic(before)),
+                         float(statistic(after)) if after is not None else float("nan"), "")
+        tableNode.SetAndObserveTable(table)
+        tableNode.SetUseColumnTitleAsColumnHeader(True)
+        for name in ("Before (mm)", "After (mm)"):
+            tableNode.SetColumnUnitLabel(name, "mm")
+        return tableNode
+
+    @staticmethod
+    def _addRow(columns: dict, pair: str, label: str, before: float, after: float, worst: str) -> None:
+        columns["Pair"].InsertNextValue(pair)
+        columns["Label"].InsertNextValue(label)
+        columns["Before (mm)"].InsertNextValue(before)
+        columns["After (mm)"].InsertNextValue(after)
+        columns["Worst"].InsertNextValue(worst)
+
+    @staticmethod
+    def treStatistics(tableNode) -> dict:
+        """{"before": {...}, "after": {...}} with mean, std, median and max (mm) from a TRE table."""
+        table = tableNode.GetTable()
+        pairs = table.GetColumnByName("Pair")
+        rows = {pairs.GetValue(r): r for r in range(table.GetNumberOfRows())}
+        return {stage: {name.lower(): table.GetColumnByName(column).GetValue(rows[name])
+                        for name in ("Mean", "Std", "Median", "Max")}
+                for stage, column in (("before", "Before (mm)"), ("after", "After (mm)"))}
+
+    # -- display -------------------------------------------------------------------------------
+    def showResults(self, result: MRMLRegistrationResult, saliencyOpacity: float = 0.5,
+                    fieldDisplay: str = "glyphs") -> None:
+        """Fixed in the background, transformed moving in the foreground (50 %), joint saliency as a
+        colour overlay (label layer, inferno colours, ``saliencyOpacity``, colour legend), and the
+        displacement field in the slice views as ``fieldDisplay``."""
+        display = self._ensureDisplayNode(result.saliencyNode)
+        display.SetAndObserveColorNodeID(self.saliencyColorNode().GetID())
+        display.AutoWindowLevelOff()
+        display.SetWindowLevelMinMax(0.0, 1.0)
+        self._ensureDisplayNode(result.movingVolumeNode)
+        self._ensureDisplayNode(result.fixedVolumeNode)
+        self._addColorLegend(result.saliencyNode)
+        for composite in self._compositeNodes():
+            composite.SetBackgroundVolumeID(result.fixedVolumeNode.GetID())
+            composite.SetForegroundVolumeID(result.movingVolumeNode.GetID())
+            composite.SetForegroundOpacity(0.5)
+            composite.SetLabelVolumeID(result.saliencyNode.GetID())
+        self.setSaliencyOpacity(saliencyOpacity)
+        self.setFieldDisplay(result.transformNode, fieldDisplay, result.fixedVolumeNode)
+
+    def setSaliencyOpacity(self, opacity: float) -> None:
+        """Opacity (0-1) of the joint saliency overlay in every slice view."""
+        for composite in self._compositeNodes():
+            composite.SetLabelOpacity(float(np.clip(opacity, 0.0, 1.0)))
+
+    def setFieldDisplay(self, transformNode, mode: str, regionNode=None) -> None:
+        """Show the displacement field in the slice views as "off", "glyphs", "grid" or "contours",
+        coloured by displacement magnitude (mm)."""
+        if mode not in FIELD_MODES:
+            raise LogicError(f"Unknown field display '{mode}': use one of {', '.join(FIELD_MODES)}.")
+        if transformNode.GetDisplayNode() is None:
+            transformNode.CreateDefaultDisplayNodes()
+        display = transformNode.GetDisplayNode()
+        if regionNode is not None:
+            display.SetAndObserveRegionNode(regionNode)
+        display.SetVisibility(mode != "off")
+        display.SetVisibility2D(mode != "off")
+        display.SetVisibility3D(False)
+        if mode == "glyphs":
+            display.SetVisualizationMode(display.VIS_MODE_GLYPH)
+            display.SetGlyphSpacingMm(8.0)
+            display.SetGlyphScalePercent(100.0)
+        elif mode == "grid":
+            display.SetVisualizationMode(display.VIS_MODE_GRID)
+            display.SetGridSpacingMm(8.0)
+        elif mode == "contours":
+            display.SetVisualizationMode(display.VIS_MODE_CONTOUR)
+            display.SetContourLevelsMmFromString("1 2 3 4 5 6 8 10 15 20")
+
+    def saliencyColorNode(self):
+        """Slicer's Inferno colour table when present, else an equivalent one made here (perceptual,
+        dark = low saliency, transparent at 0)."""
+        for node_id in ("vtkMRMLColorTableNodeFileInferno.txt",):
+            node = self.scene.GetNodeByID(node_id)
+            if node is not None:
+                return node
+        existing = self.scene.GetFirstNodeByName(SALIENCY_COLORMAP_NAME)
+        if existing is not None:
+            return existing
+        from matplotlib import colormaps
+
+        colors = colormaps["inferno"](np.linspace(0, 1, 256))
+        node = self.scene.AddNewNodeByClass("vtkMRMLColorTableNode", SALIENCY_COLORMAP_NAME)
+        node.SetTypeToUser()
+        node.SetNumberOfColors(256)
+        for index, (r, g, b, _) in enumerate(colors):
+            node.SetColor(index, f"{index / 255:.3f}", r, g, b, 0.0 if index == 0 else 1.0)
+        node.SetAttribute("Category", "DeepRegister")
+        return node
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _compositeNodes(self) -> list:
+        nodes = self.scene.GetNodesByClass("vtkMRMLSliceCompositeNode")
+        return [nodes.GetItemAsObject(i) for i in range(nodes.GetNumberOfItems())]
+
+    @staticmethod
+    def _ensureDisplayNode(volumeNode):
+        if volumeNode.GetDisplayNode() is None:
+            volumeNode.CreateDefaultDisplayNodes()
+        return volumeNode.GetDisplayNode()
+
+    def _addColorLegend(self, volumeNode) -> None:
+        from slicer import vtkMRMLColorLegendDisplayNode, vtkSlicerColorLogic
+
+        if not self.scene.IsNodeClassRegistered("vtkMRMLColorLegendDisplayNode"):  # headless scenes
+            self.scene.RegisterNodeClass(vtkMRMLColorLegendDisplayNode())
+        legend = vtkSlicerColorLogic.AddDefaultColorLegendDisplayNode(volumeNode)
+        if legend is not None:
+            legend.SetTitleText("Joint saliency")
+            legend.SetLabelFormat("%.1f")
+            legend.SetVisibility(True)
