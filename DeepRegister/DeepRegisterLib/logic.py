@@ -200,12 +200,12 @@ class RegistrationLogic:
         display.SetWindowLevelMinMax(0.0, 1.0)
         self._ensureDisplayNode(result.movingVolumeNode)
         self._ensureDisplayNode(result.fixedVolumeNode)
-        self._addColorLegend(result.saliencyNode)
         for composite in self._compositeNodes():
             composite.SetBackgroundVolumeID(result.fixedVolumeNode.GetID())
             composite.SetForegroundVolumeID(result.movingVolumeNode.GetID())
             composite.SetForegroundOpacity(0.5)
             composite.SetLabelVolumeID(result.saliencyNode.GetID())
+        self._addColorLegend(result.saliencyNode)  # after the layers: the legend shows where its volume is
         self.setSaliencyOpacity(saliencyOpacity)
         self.setFieldDisplay(result.transformNode, fieldDisplay, result.fixedVolumeNode)
 
@@ -227,10 +227,13 @@ class RegistrationLogic:
         display.SetVisibility(mode != "off")
         display.SetVisibility2D(mode != "off")
         display.SetVisibility3D(False)
+        low, high = self.fieldMagnitudeRange(transformNode)
+        display.SetColorMap(self._magnitudeColors(low, high))
         if mode == "glyphs":
             display.SetVisualizationMode(display.VIS_MODE_GLYPH)
             display.SetGlyphSpacingMm(8.0)
-            display.SetGlyphScalePercent(100.0)
+            # The longest arrow spans about one glyph spacing, whatever the field's magnitude.
+            display.SetGlyphScalePercent(100.0 * 8.0 / max(high, 1e-3))
         elif mode == "grid":
             display.SetVisualizationMode(display.VIS_MODE_GRID)
             display.SetGridSpacingMm(8.0)
@@ -238,13 +241,32 @@ class RegistrationLogic:
             display.SetVisualizationMode(display.VIS_MODE_CONTOUR)
             display.SetContourLevelsMmFromString("1 2 3 4 5 6 8 10 15 20")
 
+    @staticmethod
+    def fieldMagnitudeRange(transformNode) -> tuple[float, float]:
+        """Smallest and largest displacement magnitude (mm) of a grid transform (0, 0 otherwise)."""
+        from vtk.util import numpy_support
+
+        transform = transformNode.GetTransformFromParent()
+        grid = transform.GetDisplacementGrid() if hasattr(transform, "GetDisplacementGrid") else None
+        if grid is None:
+            return 0.0, 0.0
+        magnitude = np.linalg.norm(numpy_support.vtk_to_numpy(grid.GetPointData().GetScalars()), axis=1)
+        return float(magnitude.min()), float(magnitude.max())
+
+    @staticmethod
+    def _magnitudeColors(low: float, high: float) -> vtk.vtkColorTransferFunction:
+        """Viridis from the smallest (dark blue) to the largest (yellow) displacement magnitude (mm)."""
+        from matplotlib import colormaps
+
+        colors = vtk.vtkColorTransferFunction()
+        for value, (r, g, b, _) in zip(np.linspace(low, max(high, low + 1e-3), 16),
+                                       colormaps["viridis"](np.linspace(0, 1, 16))):
+            colors.AddRGBPoint(value, r, g, b)
+        return colors
+
     def saliencyColorNode(self):
-        """Slicer's Inferno colour table when present, else an equivalent one made here (perceptual,
-        dark = low saliency, transparent at 0)."""
-        for node_id in ("vtkMRMLColorTableNodeFileInferno.txt",):
-            node = self.scene.GetNodeByID(node_id)
-            if node is not None:
-                return node
+        """Inferno colours (perceptual, dark = low saliency), opacity rising from 0 at saliency 0 to 1 at
+        saliency 0.5 and above."""
         existing = self.scene.GetFirstNodeByName(SALIENCY_COLORMAP_NAME)
         if existing is not None:
             return existing
@@ -255,7 +277,8 @@ class RegistrationLogic:
         node.SetTypeToUser()
         node.SetNumberOfColors(256)
         for index, (r, g, b, _) in enumerate(colors):
-            node.SetColor(index, f"{index / 255:.3f}", r, g, b, 0.0 if index == 0 else 1.0)
+            # Low saliency fades out so the overlay highlights where the alignment can be trusted.
+            node.SetColor(index, f"{index / 255:.3f}", r, g, b, min(1.0, 2.0 * index / 255))
         node.SetAttribute("Category", "DeepRegister")
         return node
 
@@ -278,5 +301,8 @@ class RegistrationLogic:
         legend = vtkSlicerColorLogic.AddDefaultColorLegendDisplayNode(volumeNode)
         if legend is not None:
             legend.SetTitleText("Joint saliency")
-            legend.SetLabelFormat("%.1f")
+            legend.SetLabelFormat("%.2f")
             legend.SetVisibility(True)
+            legend.SetVisibility2D(True)
+            legend.SetSize(0.15, 0.4)
+            legend.Modified()

@@ -1,0 +1,920 @@
+"""DeepRegister: deep-learning registration of 3D volumes in 3D Slicer.
+
+The module is a thin Slicer front end. The work happens in ``DeepRegisterLib`` (importable
+without Slicer): ``DeepRegisterLib.registration`` registers two images and
+``DeepRegisterLib.logic.RegistrationLogic`` does it on an MRML scene (nodes in, nodes out,
+landmark TRE tables, result display). ``DeepRegisterLib`` needs PyTorch, so it is imported
+only when needed: the module loads, and its panel shows, before PyTorch is installed.
+"""
+
+import enum
+import importlib.util
+import logging
+import os
+import re
+import time
+import traceback
+from typing import Annotated
+
+import qt
+import vtk
+
+import slicer
+from slicer import (
+    vtkMRMLMarkupsFiducialNode,
+    vtkMRMLScalarVolumeNode,
+    vtkMRMLTableNode,
+    vtkMRMLTransformNode,
+)
+from slicer.i18n import tr as _
+from slicer.i18n import translate
+from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+PROJECT_URL = "https://github.com/deepregister/SlicerDeepRegister"
+MINIMUM_TORCH_VERSION = "2.2"
+NO_MODEL_TEXT = "None (fine-tune on the pair only)"
+NO_MODEL_DESCRIPTION = ("No trained model: the deformation is optimised on this pair alone, starting from "
+                        "aligned image centres. Slower than a trained model and less robust to large deformations.")
+# Fine-tuning steps the engine runs when none are asked for (DeepRegisterLib.registration); shown in the panel.
+DEFAULT_ITERATIONS_WITH_MODEL = 0
+DEFAULT_ITERATIONS_WITHOUT_MODEL = 150
+STAGE_NAMES = {"preprocess": "Preprocessing", "network": "Network", "finetune": "Fine-tuning", "output": "Outputs"}
+
+
+def resourcePath(relativePath: str) -> str:
+    """Absolute path of a file in the module's Resources folder.
+
+    Installed extension: ``<module dir>/Resources/...`` (CMakeLists.txt copies the project's
+    top-level Resources there). Source checkout (module path set to ``DeepRegister/``): the
+    project's top-level ``Resources/``, one level up.
+    """
+    moduleDir = os.path.dirname(os.path.abspath(__file__))
+    candidates = [os.path.join(moduleDir, "Resources", relativePath),
+                  os.path.join(os.path.dirname(moduleDir), "Resources", relativePath)]
+    for path in candidates:
+        if os.path.exists(path):
+            return path
+    return candidates[0]
+
+
+#
+# DeepRegister
+#
+
+
+class DeepRegister(ScriptedLoadableModule):
+    """Module description shown in Slicer's module list and help panel."""
+
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("DeepRegister")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Registration")]
+        self.parent.dependencies = []  # Markups, Transforms and Tables are core modules
+        self.parent.contributors = ["DeepRegister authors"]
+        self.parent.helpText = _("""
+<p>Registers a moving volume (e.g. prostate MR) to a fixed volume (e.g. transrectal ultrasound) with a
+deep network, optionally fine-tuned on the pair, and writes a displacement-field transform. The moving
+volume is shown through the transform.</p>
+<p>The <b>joint saliency</b> map shows where both images carry matching structure: the alignment can be
+judged there, while dark regions carry little evidence either way. Place corresponding <b>landmarks</b> on
+both volumes to measure the target registration error (TRE) before and after registration; the table
+updates as points are moved.</p>
+<p>Without a trained model, the registration is computed by fine-tuning on the pair alone.</p>
+<p>See the <a href="{project}#readme">project documentation</a> and, for the approach,
+<a href="https://arxiv.org/abs/1711.01666">Hu et al. 2018, Weakly-supervised convolutional neural networks
+for multimodal image registration (arXiv:1711.01666)</a>.</p>
+""").format(project=PROJECT_URL)
+        self.parent.acknowledgementText = _("""
+DeepRegister builds on 3D Slicer, PyTorch (through the SlicerPyTorch extension) and SimpleITK. Its design
+follows Hu et al., Medical Image Analysis 2018 (weakly-supervised MR-TRUS registration) and Slicer's
+scripted-module template by Jean-Christophe Fillion-Robin (Kitware), Andras Lasso (PerkLab) and
+Steve Pieper (Isomics).
+""")
+        # Source checkouts keep the icon in the project's top-level Resources folder.
+        iconPath = resourcePath("Icons/DeepRegister.png")
+        if os.path.isfile(iconPath):
+            self.parent.icon = qt.QIcon(iconPath)
+
+
+#
+# DeepRegisterParameterNode
+#
+
+
+class Device(enum.Enum):
+    """Where the network runs; the value is what DeepRegisterLib expects."""
+
+    AUTO = "auto"
+    CPU = "cpu"
+    CUDA = "cuda"
+
+    def label(self) -> str:
+        return {"auto": _("Automatic (GPU if available)"), "cpu": _("CPU"), "cuda": _("GPU (CUDA)")}[self.value]
+
+
+class FieldDisplay(enum.Enum):
+    """How the displacement field is drawn in the slice views; the value is what DeepRegisterLib expects."""
+
+    OFF = "off"
+    GLYPHS = "glyphs"
+    GRID = "grid"
+    CONTOURS = "contours"
+
+    def label(self) -> str:
+        return {"off": _("Hidden"), "glyphs": _("Arrows"), "grid": _("Warped grid"),
+                "contours": _("Magnitude contours")}[self.value]
+
+
+@parameterNodeWrapper
+class DeepRegisterParameterNode:
+    """The module's settings, saved with the scene.
+
+    fixedVolume, movingVolume - the volumes to register (moving is aligned to fixed).
+    model - name of a trained model (see DeepRegisterLib.models); "" registers by fine-tuning on the pair only.
+    device - where the network runs.
+    iterations - fine-tuning steps on the pair; -1 uses the engine's default (0 with a model, 150 without).
+    outputTransform - receives the fixed->moving displacement field (created when empty).
+    createWarpedVolume, warpedVolume - also resample the moving volume onto the fixed grid.
+    saliencyVolume - receives the joint saliency map (created when empty).
+    saliencyOpacity - opacity of the saliency overlay in the slice views.
+    fieldDisplay - how the displacement field is drawn in the slice views.
+    fixedLandmarks, movingLandmarks - corresponding points, paired by order, for TRE.
+    treTable - the TRE table (created on first measurement).
+    """
+
+    fixedVolume: vtkMRMLScalarVolumeNode
+    movingVolume: vtkMRMLScalarVolumeNode
+    model: str = ""
+    device: Device = Device.AUTO
+    iterations: Annotated[int, WithinRange(-1, 2000)] = -1
+    outputTransform: vtkMRMLTransformNode
+    createWarpedVolume: bool = False
+    warpedVolume: vtkMRMLScalarVolumeNode
+    saliencyVolume: vtkMRMLScalarVolumeNode
+    saliencyOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
+    fieldDisplay: FieldDisplay = FieldDisplay.GLYPHS
+    fixedLandmarks: vtkMRMLMarkupsFiducialNode
+    movingLandmarks: vtkMRMLMarkupsFiducialNode
+    treTable: vtkMRMLTableNode
+
+
+#
+# DeepRegisterWidget
+#
+
+
+class DeepRegisterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """The module panel: binds the .ui to the parameter node and forwards actions to DeepRegisterLogic."""
+
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)  # needed for parameter node observation
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._running = False
+        self._cancelRequested = False
+        self._updatingModelComboBox = False
+        self._modelsListed = False
+        self._treInputs = None
+        self._treObservations = []
+        self._appliedDisplay = None
+        self._treTimer = None
+
+    def resourcePath(self, filename: str) -> str:
+        return resourcePath(filename)
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/DeepRegister.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        # The .ui connects the top-level widget's mrmlSceneChanged signal to each MRML widget's setMRMLScene slot.
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+
+        self.logic = DeepRegisterLogic()
+
+        # Landmark edits arrive in bursts (dragging a point): measure once they settle.
+        self._treTimer = qt.QTimer()
+        self._treTimer.setSingleShot(True)
+        self._treTimer.setInterval(150)
+        self._treTimer.connect("timeout()", self.updateTRE)
+
+        self.ui.progressBar.hide()
+        self.populateModels()
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+
+        self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
+        self.ui.registerButton.connect("clicked(bool)", self.onRegisterButton)
+        self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
+        self.ui.placeFixedLandmarksButton.connect("clicked(bool)", self.onPlaceFixedLandmarks)
+        self.ui.placeMovingLandmarksButton.connect("clicked(bool)", self.onPlaceMovingLandmarks)
+
+        self.initializeParameterNode()
+
+    def cleanup(self) -> None:
+        self._cancelRequested = True
+        if self._treTimer:
+            self._treTimer.stop()
+        self.removeObservers()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        parameterNode = self._parameterNode
+        if not parameterNode.fixedVolume or not parameterNode.movingVolume:
+            fixed, moving = self.logic.guessInputVolumes(parameterNode)
+            if fixed and not parameterNode.fixedVolume:
+                parameterNode.fixedVolume = fixed
+            if moving and not parameterNode.movingVolume:
+                parameterNode.movingVolume = moving
+
+    def setParameterNode(self, inputParameterNode) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
+        self._parameterNode = inputParameterNode
+        self._treInputs = None
+        self._appliedDisplay = None
+        self._observeTREInputs()
+        if self._parameterNode:
+            # Widgets carrying the "SlicerParameterName" dynamic property in the .ui are bound here.
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
+            self.onParameterNodeModified()
+
+    def onParameterNodeModified(self, caller=None, event=None) -> None:
+        """Refreshes what the parameter binding does not: button states, the model list, display, TRE."""
+        parameterNode = self._parameterNode
+        if parameterNode is None:
+            return
+        self._updateButtonStates()
+        self._updateModelComboBoxFromParameterNode()
+        self._applyDisplaySettings()
+        treInputs = (parameterNode.fixedLandmarks, parameterNode.movingLandmarks, parameterNode.outputTransform)
+        if treInputs != self._treInputs:
+            self._treInputs = treInputs
+            self._observeTREInputs()
+            self.scheduleTREUpdate()
+
+    def _updateButtonStates(self) -> None:
+        parameterNode = self._parameterNode
+        fixed, moving = parameterNode.fixedVolume, parameterNode.movingVolume
+        if not fixed or not moving:
+            reason = _("Select a fixed and a moving volume.")
+        elif fixed == moving:
+            reason = _("The fixed and moving volumes must be different volumes.")
+        else:
+            reason = ""
+        self.ui.registerButton.enabled = not reason and not self._running
+        self.ui.registerButton.toolTip = reason or _("Register the moving volume to the fixed volume.")
+        self.ui.warpedVolumeSelector.enabled = parameterNode.createWarpedVolume and not self._running
+
+    # -- models --------------------------------------------------------------------------------
+    def populateModels(self) -> None:
+        """Fills the model list from the installed models (empty until PyTorch is installed)."""
+        comboBox = self.ui.modelComboBox
+        self._updatingModelComboBox = True
+        try:
+            comboBox.clear()
+            cards = self.logic.availableModels()
+            self._modelsListed = self.logic.torchAvailable()
+            for card in cards:
+                comboBox.addItem(card.name, card.name)
+                comboBox.setItemData(comboBox.count - 1, card.description, qt.Qt.ToolTipRole)
+            comboBox.addItem(_(NO_MODEL_TEXT), "")
+            comboBox.setItemData(comboBox.count - 1, _(NO_MODEL_DESCRIPTION), qt.Qt.ToolTipRole)
+        finally:
+            self._updatingModelComboBox = False
+        if self._parameterNode:
+            self._updateModelComboBoxFromParameterNode()
+
+    def _updateModelComboBoxFromParameterNode(self) -> None:
+        comboBox = self.ui.modelComboBox
+        model = self._parameterNode.model
+        index = comboBox.findData(model)
+        self._updatingModelComboBox = True
+        try:
+            if index < 0:
+                # A model saved with the scene that is not installed here (or not listable without PyTorch).
+                comboBox.addItem(_("{model} (not installed)").format(model=model), model)
+                index = comboBox.count - 1
+            comboBox.currentIndex = index
+        finally:
+            self._updatingModelComboBox = False
+        self._showModelDescription(index)
+
+    def onModelChanged(self, index: int) -> None:
+        if self._updatingModelComboBox or self._parameterNode is None or index < 0:
+            return
+        self._parameterNode.model = self.ui.modelComboBox.itemData(index) or ""
+
+    def _showModelDescription(self, index: int) -> None:
+        comboBox = self.ui.modelComboBox
+        model = comboBox.itemData(index) or ""
+        if not model:
+            text = _(NO_MODEL_DESCRIPTION)
+            if not self._modelsListed:
+                text += " " + _("Trained models are listed once PyTorch is installed (press Register to install it).")
+            default = DEFAULT_ITERATIONS_WITHOUT_MODEL
+        else:
+            text = comboBox.itemData(index, qt.Qt.ToolTipRole) or _("Model '{model}' is not installed.").format(model=model)
+            default = DEFAULT_ITERATIONS_WITH_MODEL
+        self.ui.modelDescriptionLabel.text = text
+        self.ui.iterationsSpinBox.specialValueText = _("Default ({count})").format(count=default)
+
+    # -- registration --------------------------------------------------------------------------
+    def onRegisterButton(self) -> None:
+        if self._running:
+            return
+        if not self.logic.ensureDependencies():
+            self.ui.statusLabel.text = _("Registration needs PyTorch; see the message for how to install it.")
+            return
+        if not self._modelsListed:
+            self.populateModels()
+        parameterNode = self._parameterNode
+        self._setRunning(True)
+        self.ui.statusLabel.text = _("Registering...")
+        start = time.perf_counter()
+        try:
+            result = self.logic.registerFromParameterNode(parameterNode, progress=self.onProgress)
+        except Exception as error:
+            self._setRunning(False)
+            self._reportFailure(error)
+            return
+        self._setRunning(False)
+        elapsed = time.perf_counter() - start
+        try:
+            self.logic.showResults(result, parameterNode.saliencyOpacity, parameterNode.fieldDisplay)
+            self._appliedDisplay = (parameterNode.saliencyOpacity, parameterNode.fieldDisplay)
+        except Exception as error:  # results are in the scene; only their display failed
+            logging.exception("DeepRegister: showing results failed")
+            self.ui.statusLabel.text = _("Registered, but showing the results failed: {error}").format(error=error)
+            return
+        self.ui.statusLabel.text = self.logic.resultSummary(result, elapsed)
+        self.scheduleTREUpdate()
+
+    def onProgress(self, stage: str, fraction: float) -> bool:
+        """Progress callback of the engine: keeps the panel responsive; returns False to cancel."""
+        self.ui.progressBar.setFormat(_("{stage}: %p%").format(stage=_(STAGE_NAMES.get(stage, stage.capitalize()))))
+        self.ui.progressBar.value = int(round(100 * min(max(fraction, 0.0), 1.0)))
+        slicer.app.processEvents()
+        return not self._cancelRequested
+
+    def onCancelButton(self) -> None:
+        self._cancelRequested = True
+        self.ui.cancelButton.enabled = False
+        self.ui.statusLabel.text = _("Cancelling...")
+
+    def _setRunning(self, running: bool) -> None:
+        self._running = running
+        self._cancelRequested = False
+        for section in (self.ui.inputsCollapsibleButton, self.ui.registrationCollapsibleButton,
+                        self.ui.outputsCollapsibleButton, self.ui.landmarksCollapsibleButton):
+            section.enabled = not running
+        self.ui.cancelButton.enabled = running
+        self.ui.progressBar.value = 0
+        self.ui.progressBar.visible = running
+        if running:
+            slicer.app.setOverrideCursor(qt.Qt.BusyCursor)
+        else:
+            slicer.app.restoreOverrideCursor()
+        self._updateButtonStates()
+
+    def _reportFailure(self, error: Exception) -> None:
+        if self.logic.isCancellation(error):
+            self.ui.statusLabel.text = _("Registration cancelled; the scene was left as it was.")
+        elif isinstance(error, ValueError):  # LogicError, bad model, bad input: the message says what to do
+            self.ui.statusLabel.text = str(error)
+            slicer.util.errorDisplay(str(error), windowTitle=_("DeepRegister"))
+        else:
+            logging.exception("DeepRegister: registration failed")
+            self.ui.statusLabel.text = _("Registration failed: {error}").format(error=error)
+            slicer.util.errorDisplay(_("Registration failed: {error}").format(error=error),
+                                     windowTitle=_("DeepRegister"), detailedText=traceback.format_exc())
+
+    # -- display -------------------------------------------------------------------------------
+    def _applyDisplaySettings(self) -> None:
+        """Applies saliency opacity and field display when they change and results exist."""
+        parameterNode = self._parameterNode
+        if self._running or not parameterNode.outputTransform or not parameterNode.saliencyVolume:
+            return
+        settings = (parameterNode.saliencyOpacity, parameterNode.fieldDisplay)
+        if settings == self._appliedDisplay or not self.logic.torchAvailable():
+            return
+        self._appliedDisplay = settings
+        try:
+            self.logic.setSaliencyOpacity(parameterNode.saliencyOpacity)
+            self.logic.setFieldDisplay(parameterNode.outputTransform, parameterNode.fieldDisplay)
+        except Exception:
+            logging.exception("DeepRegister: updating the display failed")
+
+    # -- landmarks -----------------------------------------------------------------------------
+    def onPlaceFixedLandmarks(self) -> None:
+        self._placeLandmarks(fixed=True)
+
+    def onPlaceMovingLandmarks(self) -> None:
+        self._placeLandmarks(fixed=False)
+
+    def _placeLandmarks(self, fixed: bool) -> None:
+        parameterNode = self._parameterNode
+        node = parameterNode.fixedLandmarks if fixed else parameterNode.movingLandmarks
+        if node is None:
+            node = self.logic.createLandmarksNode(fixed)
+            if fixed:
+                parameterNode.fixedLandmarks = node
+            else:
+                parameterNode.movingLandmarks = node
+        if not fixed:
+            # Clicks on the moving volume as displayed (through the transform) must land in moving coordinates.
+            self.logic.followMovingVolume(node, parameterNode.movingVolume)
+        self.logic.startPlacing(node)
+
+    def _observeTREInputs(self) -> None:
+        """Observes the landmark nodes and the transform so the TRE table follows every edit."""
+        wanted = []
+        parameterNode = self._parameterNode
+        if parameterNode is not None:
+            for node in (parameterNode.fixedLandmarks, parameterNode.movingLandmarks):
+                if node:
+                    wanted += [(node, event) for event in DeepRegisterLogic.LANDMARK_EVENTS]
+            if parameterNode.outputTransform:
+                wanted.append((parameterNode.outputTransform, slicer.vtkMRMLTransformableNode.TransformModifiedEvent))
+        for node, event in self._treObservations:
+            if (node, event) not in wanted:
+                self.removeObserver(node, event, self.scheduleTREUpdate)
+        for node, event in wanted:
+            if not self.hasObserver(node, event, self.scheduleTREUpdate):
+                self.addObserver(node, event, self.scheduleTREUpdate)
+        self._treObservations = wanted
+
+    def scheduleTREUpdate(self, caller=None, event=None) -> None:
+        if self._treTimer:
+            self._treTimer.start()
+
+    def updateTRE(self) -> None:
+        """Measures TRE with the current landmarks and transform and shows the table."""
+        parameterNode = self._parameterNode
+        if parameterNode is None or self._running:
+            return
+        fixed, moving = parameterNode.fixedLandmarks, parameterNode.movingLandmarks
+        if not fixed or not moving:
+            self.ui.treSummaryLabel.text = _("Place pairs of corresponding landmarks on the fixed and moving "
+                                             "volumes to measure the target registration error (TRE).")
+            return
+        if not self.logic.torchAvailable():
+            self.ui.treSummaryLabel.text = _("TRE is measured once PyTorch is installed (press Register to install it).")
+            return
+        try:
+            table = self.logic.measureTRE(fixed, moving, parameterNode.outputTransform, parameterNode.treTable)
+        except ValueError as error:  # e.g. unequal counts while points are being placed
+            self.ui.treSummaryLabel.text = str(error)
+            return
+        if parameterNode.treTable != table:
+            parameterNode.treTable = table
+        self.ui.treTableView.setMRMLTableNode(table)
+        self.ui.treSummaryLabel.text = self.logic.treSummary(table)
+
+
+#
+# DeepRegisterLogic
+#
+
+
+class DeepRegisterLogic(ScriptedLoadableModuleLogic):
+    """Slicer-application side of DeepRegister: dependencies, parameter node, landmarks placement.
+
+    Registration, TRE and result display are delegated to ``DeepRegisterLib.logic.RegistrationLogic``,
+    which works on any MRML scene. Usable from the Python console::
+
+        logic = slicer.util.getModuleLogic("DeepRegister")
+        result = logic.register(fixedNode, movingNode, model=None, device="auto", iterations=100)
+        table = logic.measureTRE(fixedPointsNode, movingPointsNode, result.transformNode)
+    """
+
+    LANDMARK_EVENTS = (slicer.vtkMRMLMarkupsNode.PointAddedEvent, slicer.vtkMRMLMarkupsNode.PointRemovedEvent,
+                       slicer.vtkMRMLMarkupsNode.PointModifiedEvent,
+                       slicer.vtkMRMLTransformableNode.TransformModifiedEvent)
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        self._engine = None
+
+    def getParameterNode(self) -> DeepRegisterParameterNode:
+        isNew = slicer.mrmlScene.GetSingletonNode(self.moduleName, "vtkMRMLScriptedModuleNode") is None
+        parameterNode = DeepRegisterParameterNode(super().getParameterNode())
+        if isNew:
+            models = self.availableModels()
+            if models:  # a trained model, when one is installed, beats fine-tuning alone
+                parameterNode.model = models[0].name
+        return parameterNode
+
+    @property
+    def engine(self):
+        """``DeepRegisterLib.logic.RegistrationLogic`` on the application's scene (imports PyTorch)."""
+        if self._engine is None:
+            from DeepRegisterLib.logic import RegistrationLogic
+
+            self._engine = RegistrationLogic(slicer.mrmlScene)
+        return self._engine
+
+    # -- dependencies --------------------------------------------------------------------------
+    @staticmethod
+    def torchAvailable() -> bool:
+        return importlib.util.find_spec("torch") is not None
+
+    @staticmethod
+    def missingPackages() -> list:
+        """Python packages DeepRegisterLib needs that are not installed (import names)."""
+        return [name for name in ("torch", "safetensors", "SimpleITK", "numpy")
+                if importlib.util.find_spec(name) is None]
+
+    def ensureDependencies(self, askConfirmation: bool = True) -> bool:
+        """Installs what is missing, after the user agrees: PyTorch through the PyTorch extension's
+        PyTorchUtils (it picks the build that fits the GPU driver), the rest with pip. Returns True
+        when everything is importable; otherwise tells the user why and returns False."""
+        missing = self.missingPackages()
+        if "SimpleITK" in missing or "numpy" in missing:
+            slicer.util.errorDisplay(_("This 3D Slicer has no SimpleITK or NumPy, which DeepRegister needs. "
+                                       "Use an official 3D Slicer release."), windowTitle=_("DeepRegister"))
+            return False
+        torchLogic = None
+        if "torch" in missing:
+            try:
+                import PyTorchUtils
+            except ModuleNotFoundError:
+                slicer.util.errorDisplay(
+                    _('DeepRegister needs PyTorch, which 3D Slicer gets from the "PyTorch" extension.\n\n'
+                      'Open View > Extensions Manager, install "PyTorch", restart 3D Slicer and press Register again.'),
+                    windowTitle=_("PyTorch extension needed"))
+                return False
+            torchLogic = PyTorchUtils.PyTorchUtilsLogic()
+            if torchLogic.torchInstalled():
+                missing.remove("torch")
+        elif not self._torchVersionIsSupported():
+            slicer.util.errorDisplay(
+                _("The installed PyTorch is older than version {version}, which DeepRegister needs. Use the "
+                  '"PyTorch Utils" module to install a newer one (version requirement ">={version}").')
+                .format(version=MINIMUM_TORCH_VERSION), windowTitle=_("DeepRegister"))
+            return False
+        if not missing:
+            return True
+
+        names = {"torch": "PyTorch", "safetensors": "safetensors"}
+        packageList = ", ".join(names.get(name, name) for name in missing)
+        if askConfirmation and not slicer.util.confirmOkCancelDisplay(
+                _("DeepRegister needs additional Python packages: {packages}.\n\nInstalling them needs a network "
+                  "connection and may take several minutes (PyTorch is a large download). Click OK to install "
+                  "them now.").format(packages=packageList),
+                _("Install Python packages")):
+            return False
+        slicer.app.setOverrideCursor(qt.Qt.WaitCursor)
+        try:
+            if "torch" in missing:
+                logging.info("DeepRegister: installing PyTorch through PyTorchUtils...")
+                # Already confirmed above, as TotalSegmentator does: one question for all packages.
+                torch = torchLogic.installTorch(askConfirmation=False,
+                                                torchVersionRequirement=f">={MINIMUM_TORCH_VERSION}")
+                if torch is None:
+                    raise RuntimeError(_('PyTorch was not installed. Install it with the "PyTorch Utils" module.'))
+            if "safetensors" in missing:
+                slicer.util.pip_install("safetensors>=0.4")
+        except Exception as error:
+            slicer.app.restoreOverrideCursor()
+            logging.exception("DeepRegister: installing Python packages failed")
+            slicer.util.errorDisplay(_("Installing {packages} failed: {error}").format(packages=packageList, error=error),
+                                     windowTitle=_("DeepRegister"), detailedText=traceback.format_exc())
+            return False
+        slicer.app.restoreOverrideCursor()
+        importlib.invalidate_caches()
+        return not self.missingPackages()
+
+    @staticmethod
+    def _torchVersionIsSupported() -> bool:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            installed = version("torch")
+        except PackageNotFoundError:
+            return True  # importable but not pip-installed (e.g. a development build): trust it
+
+        def numbers(text):
+            return tuple(int(part) for part in re.findall(r"\d+", text)[:2])
+
+        return numbers(installed) >= numbers(MINIMUM_TORCH_VERSION)
+
+    # -- models --------------------------------------------------------------------------------
+    def availableModels(self) -> list:
+        """Installed model cards (``DeepRegisterLib.models.ModelCard``); empty without PyTorch."""
+        if not self.torchAvailable():
+            return []
+        try:
+            from DeepRegisterLib.models import list_models
+
+            return list_models()
+        except Exception:
+            logging.exception("DeepRegister: listing models failed")
+            return []
+
+    # -- registration --------------------------------------------------------------------------
+    def register(self, fixedVolumeNode, movingVolumeNode, model=None, device="auto", iterations=None,
+                 progress=None, outputTransformNode=None, saliencyNode=None, warpedNode=None, createWarped=False):
+        """Registers the moving volume to the fixed one (see ``DeepRegisterLib.logic.RegistrationLogic.register``).
+
+        ``model``: name, or None / "" for fine-tuning on the pair only. ``iterations``: None for the
+        default. ``progress(stage, fraction)`` may return False to cancel. Raises ``LogicError`` (a
+        ValueError) with a readable message for bad input; the scene is unchanged on errors.
+        """
+        return self.engine.register(fixedVolumeNode, movingVolumeNode, model=model or None,
+                                    device=device.value if isinstance(device, Device) else device,
+                                    iterations=iterations, progress=progress, outputTransformNode=outputTransformNode,
+                                    saliencyNode=saliencyNode, warpedNode=warpedNode, createWarped=createWarped)
+
+    def registerFromParameterNode(self, parameterNode: DeepRegisterParameterNode, progress=None):
+        """Runs :meth:`register` with the settings of the parameter node and stores the output nodes in it."""
+        result = self.register(
+            parameterNode.fixedVolume, parameterNode.movingVolume, model=parameterNode.model,
+            device=parameterNode.device, iterations=None if parameterNode.iterations < 0 else parameterNode.iterations,
+            progress=progress, outputTransformNode=parameterNode.outputTransform,
+            saliencyNode=parameterNode.saliencyVolume,
+            warpedNode=parameterNode.warpedVolume if parameterNode.createWarpedVolume else None,
+            createWarped=parameterNode.createWarpedVolume)
+        wasModified = parameterNode.StartModify()
+        parameterNode.outputTransform = result.transformNode
+        parameterNode.saliencyVolume = result.saliencyNode
+        if result.warpedNode is not None:
+            parameterNode.warpedVolume = result.warpedNode
+        parameterNode.EndModify(wasModified)
+        if parameterNode.movingLandmarks:
+            self.followMovingVolume(parameterNode.movingLandmarks, parameterNode.movingVolume)
+        return result
+
+    @staticmethod
+    def isCancellation(error: Exception) -> bool:
+        if not DeepRegisterLogic.torchAvailable():
+            return False
+        from DeepRegisterLib.registration import RegistrationCancelled
+
+        return isinstance(error, RegistrationCancelled)
+
+    @staticmethod
+    def resultSummary(result, elapsedSeconds=None) -> str:
+        """One paragraph for the status line: time, device, model, per-stage timings, folding, messages."""
+        timings = dict(result.timings)
+        total = elapsedSeconds if elapsedSeconds is not None else timings.get("total", sum(timings.values()))
+        stages = ", ".join(f"{STAGE_NAMES.get(name, name).lower()} {seconds:.1f} s"
+                           for name, seconds in timings.items() if name != "total")
+        trained = result.model and not str(result.model).lower().startswith("none")
+        model = _("model '{model}'").format(model=result.model) if trained else _("no trained model")
+        lines = [_("Registered in {seconds:.1f} s on {device} with {model} ({stages}).").format(
+            seconds=total, device=str(result.device).upper(), model=model, stages=stages)]
+        if result.foldingPercent is not None:
+            lines.append(_("Folding: {percent:.2f} % of voxels.").format(percent=result.foldingPercent))
+        lines += list(result.messages)
+        return "\n".join(lines)
+
+    # -- display -------------------------------------------------------------------------------
+    def showResults(self, result, saliencyOpacity=0.5, fieldDisplay=FieldDisplay.GLYPHS) -> None:
+        """Fixed volume, moving volume through the transform, saliency overlay with a colour legend, field."""
+        self.engine.showResults(result, saliencyOpacity=saliencyOpacity, fieldDisplay=self._mode(fieldDisplay))
+
+    def setSaliencyOpacity(self, opacity: float) -> None:
+        self.engine.setSaliencyOpacity(opacity)
+
+    def setFieldDisplay(self, transformNode, mode) -> None:
+        self.engine.setFieldDisplay(transformNode, self._mode(mode))
+
+    @staticmethod
+    def _mode(mode) -> str:
+        return mode.value if isinstance(mode, FieldDisplay) else str(mode)
+
+    # -- landmarks -----------------------------------------------------------------------------
+    def measureTRE(self, fixedLandmarksNode, movingLandmarksNode, transformNode=None, tableNode=None):
+        """TRE table node (Pair, Label, Before (mm), After (mm), ...; Mean, Std, Median, Max rows)."""
+        return self.engine.measureTRE(fixedLandmarksNode, movingLandmarksNode, transformNode, tableNode)
+
+    def treStatistics(self, tableNode) -> dict:
+        return self.engine.treStatistics(tableNode)
+
+    def treSummary(self, tableNode) -> str:
+        """"n pairs: mean TRE a mm before, b mm after registration (max c mm)." for the panel."""
+        statistics = self.treStatistics(tableNode)
+        pairs = max(tableNode.GetNumberOfRows() - 4, 0)  # minus the Mean, Std, Median and Max rows
+        before, after = statistics["before"], statistics["after"]
+        text = _("{pairs} landmark pairs: mean TRE {before:.1f} mm before registration").format(
+            pairs=pairs, before=before["mean"])
+        if after["mean"] == after["mean"]:  # not NaN: a transform was given
+            text += _(", {after:.1f} mm after (largest {worst:.1f} mm).").format(after=after["mean"], worst=after["max"])
+        else:
+            text += _(". Register to see the error after registration.")
+        return text
+
+    @staticmethod
+    def createLandmarksNode(fixed: bool):
+        """A new point list for fixed (green) or moving (orange) landmarks."""
+        name = _("Fixed landmarks") if fixed else _("Moving landmarks")
+        node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", slicer.mrmlScene.GenerateUniqueName(name))
+        node.CreateDefaultDisplayNodes()
+        node.GetDisplayNode().SetSelectedColor((0.2, 0.8, 0.3) if fixed else (1.0, 0.55, 0.1))
+        node.SetControlPointLabelFormat("F-%d" if fixed else "M-%d")
+        return node
+
+    @staticmethod
+    def followMovingVolume(landmarksNode, movingVolumeNode) -> None:
+        """Puts the moving landmarks under the moving volume's transform (if it has one and they have none),
+        so they are stored in moving-image coordinates and drawn where the transformed volume shows them."""
+        if landmarksNode is None or movingVolumeNode is None:
+            return
+        transformNode = movingVolumeNode.GetParentTransformNode()
+        if transformNode is not None and landmarksNode.GetParentTransformNode() is None:
+            landmarksNode.SetAndObserveTransformNodeID(transformNode.GetID())
+
+    @staticmethod
+    def startPlacing(markupsNode) -> None:
+        """Makes ``markupsNode`` the active point list and enters persistent place mode."""
+        selectionNode = slicer.app.applicationLogic().GetSelectionNode()
+        selectionNode.SetReferenceActivePlaceNodeClassName("vtkMRMLMarkupsFiducialNode")
+        selectionNode.SetActivePlaceNodeID(markupsNode.GetID())
+        slicer.modules.markups.logic().StartPlaceMode(1)
+
+    @staticmethod
+    def guessInputVolumes(parameterNode):
+        """(fixed, moving) scalar volumes for a new session: names with us/trus/fixed for the fixed volume,
+        mr/mri/t2/moving for the moving one, else the first two volumes; never the module's outputs."""
+        outputs = {parameterNode.saliencyVolume, parameterNode.warpedVolume} - {None}
+        volumes = [node for node in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")
+                   if not node.IsA("vtkMRMLLabelMapVolumeNode") and node not in outputs]
+
+        def tokens(node):
+            return set(re.split(r"[^a-z0-9]+", (node.GetName() or "").lower()))
+
+        fixed = parameterNode.fixedVolume or next(
+            (node for node in volumes if tokens(node) & {"us", "trus", "ultrasound", "fixed"}), None)
+        moving = parameterNode.movingVolume or next(
+            (node for node in volumes if node != fixed and tokens(node) & {"mr", "mri", "t2", "t2w", "moving"}), None)
+        remaining = iter(node for node in volumes if node not in (fixed, moving))
+        fixed = fixed or next(remaining, None)
+        moving = moving or next(remaining, None)
+        return fixed, moving
+
+
+#
+# DeepRegisterTest
+#
+
+
+class DeepRegisterTest(ScriptedLoadableModuleTest):
+    """Self-test on a synthetic phantom pair with known landmarks (no downloads)."""
+
+    ITERATIONS = 40  # enough for the 48^3 phantom; a few seconds on a CPU
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_ParameterNodeDefaults()
+        self.setUp()
+        self.test_BadInputIsRefused()
+        if not DeepRegisterLogic.torchAvailable():
+            self.delayDisplay("PyTorch is not installed: registration tests skipped")
+            return
+        self.setUp()
+        self.test_RegisterPhantomReducesTRE()
+        self.setUp()
+        self.test_CancelLeavesSceneUnchanged()
+        self.setUp()
+        self.test_WidgetEnablesRegister()
+
+    # -- data ----------------------------------------------------------------------------------
+    def _phantom(self, seed=3):
+        """Fixed (ultrasound-like) and moving (MR-like) volume nodes and their corresponding landmarks."""
+        import sitkUtils
+        from DeepRegisterLib.synthetic import make_phantom_pair
+
+        pair = make_phantom_pair(seed, (48, 48, 48), spacing=2.5, landmarks=8)
+        fixed = sitkUtils.PushVolumeToSlicer(pair.fixed, name="Phantom fixed US")
+        moving = sitkUtils.PushVolumeToSlicer(pair.moving, name="Phantom moving MR")
+        fixedPoints = self._pointsNode("Phantom fixed landmarks", pair.fixed_points)
+        movingPoints = self._pointsNode("Phantom moving landmarks", pair.moving_points)
+        return fixed, moving, fixedPoints, movingPoints
+
+    @staticmethod
+    def _pointsNode(name, pointsLPS):
+        node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", name)
+        for index, (x, y, z) in enumerate(pointsLPS):
+            node.AddControlPoint([-float(x), -float(y), float(z)], f"L{index + 1}")  # LPS -> RAS
+        return node
+
+    @staticmethod
+    def _transformCount():
+        return slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLTransformNode")
+
+    # -- tests ---------------------------------------------------------------------------------
+    def test_ParameterNodeDefaults(self):
+        self.delayDisplay("Parameter node defaults")
+        parameterNode = DeepRegisterLogic().getParameterNode()
+        self.assertEqual(parameterNode.device, Device.AUTO)
+        self.assertEqual(parameterNode.iterations, -1)
+        self.assertAlmostEqual(parameterNode.saliencyOpacity, 0.5)
+        self.assertEqual(parameterNode.fieldDisplay, FieldDisplay.GLYPHS)
+        self.assertFalse(parameterNode.createWarpedVolume)
+        self.assertIsNone(parameterNode.outputTransform)
+        parameterNode.fieldDisplay = FieldDisplay.GRID
+        self.assertEqual(DeepRegisterLogic().getParameterNode().fieldDisplay, FieldDisplay.GRID)
+
+    def test_BadInputIsRefused(self):
+        self.delayDisplay("Bad input is refused with a message")
+        if not DeepRegisterLogic.torchAvailable():
+            return
+        import numpy as np
+
+        volume = slicer.util.addVolumeFromArray(np.random.default_rng(0).random((16, 16, 16)).astype(np.float32),
+                                                name="Noise")
+        transforms = self._transformCount()
+        with self.assertRaises(ValueError) as context:
+            DeepRegisterLogic().register(volume, volume, iterations=1)
+        self.assertTrue(str(context.exception))
+        self.assertEqual(self._transformCount(), transforms)
+
+    def test_RegisterPhantomReducesTRE(self):
+        self.delayDisplay("Registering a synthetic phantom pair")
+        fixed, moving, fixedPoints, movingPoints = self._phantom()
+        logic = DeepRegisterLogic()
+        stages = []
+        result = logic.register(fixed, moving, model=None, device="cpu", iterations=self.ITERATIONS,
+                                progress=lambda stage, fraction: stages.append(stage))
+        self.assertIsNotNone(result.transformNode)
+        self.assertTrue(result.transformNode.IsA("vtkMRMLTransformNode"))
+        self.assertEqual(moving.GetParentTransformNode(), result.transformNode)
+        self.assertIsNotNone(result.saliencyNode.GetImageData())
+        low, high = result.saliencyNode.GetImageData().GetScalarRange()
+        self.assertGreaterEqual(low, -1e-6)
+        self.assertLessEqual(high, 1.0 + 1e-6)
+        self.assertIsNone(result.warpedNode)
+        self.assertIn("finetune", stages)
+        self.assertGreater(sum(result.timings.values()), 0.0)
+
+        table = logic.measureTRE(fixedPoints, movingPoints, result.transformNode)
+        statistics = logic.treStatistics(table)
+        self.delayDisplay(f"TRE mean before {statistics['before']['mean']:.1f} mm, "
+                          f"after {statistics['after']['mean']:.1f} mm")
+        self.assertLess(statistics["after"]["mean"], 0.25 * statistics["before"]["mean"])
+        self.assertLess(statistics["after"]["mean"], 4.0)
+        self.assertIn("mm", logic.treSummary(table))
+
+        logic.showResults(result, saliencyOpacity=0.3, fieldDisplay=FieldDisplay.GRID)
+        logic.setFieldDisplay(result.transformNode, FieldDisplay.OFF)
+        self.delayDisplay("Test passed")
+
+    def test_CancelLeavesSceneUnchanged(self):
+        self.delayDisplay("Cancelling leaves the scene unchanged")
+        fixed, moving = self._phantom(seed=4)[:2]
+        logic = DeepRegisterLogic()
+        transforms = self._transformCount()
+        volumes = slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")
+        with self.assertRaises(Exception) as context:
+            logic.register(fixed, moving, iterations=self.ITERATIONS, device="cpu",
+                           progress=lambda stage, fraction: stage != "finetune")
+        self.assertTrue(logic.isCancellation(context.exception))
+        self.assertEqual(self._transformCount(), transforms)
+        self.assertEqual(slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode"), volumes)
+        self.assertIsNone(moving.GetParentTransformNode())
+
+    def test_WidgetEnablesRegister(self):
+        self.delayDisplay("Panel: Register is enabled once two different volumes are selected")
+        fixed, moving = self._phantom(seed=5)[:2]
+        widget = slicer.util.getModuleWidget("DeepRegister")
+        parameterNode = widget.logic.getParameterNode()
+        widget.setParameterNode(parameterNode)
+        parameterNode.fixedVolume = fixed
+        parameterNode.movingVolume = fixed
+        self.assertFalse(widget.ui.registerButton.enabled)
+        parameterNode.movingVolume = moving
+        self.assertTrue(widget.ui.registerButton.enabled)
+        self.assertGreaterEqual(widget.ui.modelComboBox.count, 1)
