@@ -239,7 +239,9 @@ class RegistrationLogic:
             display.SetGridSpacingMm(8.0)
         elif mode == "contours":
             display.SetVisualizationMode(display.VIS_MODE_CONTOUR)
-            display.SetContourLevelsMmFromString("1 2 3 4 5 6 8 10 15 20")
+            # Six iso-magnitude levels spread over this field's range (space separated, as Slicer reads them).
+            levels = np.linspace(low, high, 8)[1:-1] if high > low else [high]
+            display.SetContourLevelsMmFromString(" ".join(f"{level:.1f}" for level in levels))
 
     @staticmethod
     def fieldMagnitudeRange(transformNode) -> tuple[float, float]:
