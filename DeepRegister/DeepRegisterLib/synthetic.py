@@ -36,13 +36,18 @@ def multi_frequency_field(grid: Grid, max_mm: float, rng: np.random.Generator,
     return field * (max_mm / field.norm(dim=1).max())
 
 
-def ultrasound_like(image: sitk.Image, rng: np.random.Generator) -> sitk.Image:
-    """Remap intensities in [0, 1] non-monotonically and add multiplicative speckle (uint8 scale)."""
-    array = sitk.GetArrayFromImage(image).astype(np.float32)
-    remapped = 0.15 + 0.7 * np.abs(np.sin(2.6 * np.pi * array + 0.4))
+def ultrasound_remap(array: np.ndarray, rng: np.random.Generator, phase: float = 0.4) -> np.ndarray:
+    """Ultrasound-like appearance of intensities in [0, 1]: a non-monotonic remap times smoothed
+    Rayleigh speckle; returns values in about [0, 1]."""
+    remapped = 0.15 + 0.7 * np.abs(np.sin(2.6 * np.pi * array + phase))
     speckle = rng.rayleigh(0.8, array.shape).astype(np.float32)
     speckle = sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(sitk.GetImageFromArray(speckle), 0.6))
-    result = sitk.GetImageFromArray(np.clip(remapped * speckle * 255.0, 0, 255).astype(np.float32))
+    return np.clip(remapped * speckle, 0, 1).astype(np.float32)
+
+
+def ultrasound_like(image: sitk.Image, rng: np.random.Generator) -> sitk.Image:
+    """:func:`ultrasound_remap` of an image with intensities in [0, 1], on the uint8 scale."""
+    result = sitk.GetImageFromArray(ultrasound_remap(sitk.GetArrayFromImage(image).astype(np.float32), rng) * 255.0)
     result.CopyInformation(image)
     return result
 

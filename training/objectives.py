@@ -1,0 +1,158 @@
+"""Training objectives of the four seed methods: how a batch is drawn and what loss it gives.
+
+All work on the canonical model grid (tensors (B, C, Z, Y, X), displacements in mm).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from DeepRegisterLib.losses import bending_energy, lncc_loss, mutual_information_loss
+from DeepRegisterLib.saliency import gaussian_smooth
+from DeepRegisterLib.spatial import Grid, affine_displacement, warp
+from DeepRegisterLib.synthetic import multi_frequency_field, ultrasound_remap
+
+from .data import PreparedPair
+
+METHODS = ("weakly_supervised", "unsupervised", "synthetic_supervised", "linear_deformable")
+
+
+def charbonnier(x: torch.Tensor, epsilon: float = 1e-3) -> torch.Tensor:
+    """rho(x) = sqrt(x^2 + eps^2), the robust penalty of the joint-saliency reference."""
+    return torch.sqrt(x * x + epsilon * epsilon)
+
+
+def image_gradients(volume: torch.Tensor, spacing: tuple[float, float, float]) -> list[torch.Tensor]:
+    """Forward differences along x, y, z in intensity per mm, cropped to a common shape."""
+    x = (volume[..., 1:] - volume[..., :-1])[:, :, :-1, :-1, :] / spacing[0]
+    y = (volume[..., 1:, :] - volume[..., :-1, :])[:, :, :-1, :, :-1] / spacing[1]
+    z = (volume[:, :, 1:] - volume[:, :, :-1])[:, :, :, :-1, :-1] / spacing[2]
+    return [x, y, z]
+
+
+def similarity(kind: str, fixed: torch.Tensor, warped: torch.Tensor, spacing: tuple[float, float, float]) -> torch.Tensor:
+    """Image dissimilarity: "charbonnier" (intensity + 20 x gradient-magnitude terms, the reference's
+    unsupervised loss), "lncc", "mi" or "mse"."""
+    if kind == "lncc":
+        return lncc_loss(fixed, warped)
+    if kind == "mi":
+        return sum(mutual_information_loss(f, w) for f, w in zip(fixed, warped)) / len(fixed)
+    if kind == "mse":
+        return ((fixed - warped) ** 2).mean()
+    if kind == "charbonnier":
+        magnitude = lambda v: torch.sqrt(sum(g * g for g in image_gradients(v, spacing)) + 1e-8)
+        return charbonnier(fixed - warped).mean() + 20.0 * charbonnier(magnitude(fixed) - magnitude(warped)).mean()
+    raise ValueError(f"Unknown similarity '{kind}': use charbonnier, lncc, mi or mse.")
+
+
+def multiscale_dice(fixed: torch.Tensor, warped: torch.Tensor, scales_voxels: list[float],
+                    spacing: tuple[float, float, float]) -> torch.Tensor:
+    """1 - soft Dice averaged over Gaussian smoothing scales (voxels; 0 = unsmoothed), per Hu et al."""
+    losses = []
+    for scale in scales_voxels:
+        a = gaussian_smooth(fixed, scale * min(spacing), spacing) if scale else fixed
+        b = gaussian_smooth(warped, scale * min(spacing), spacing) if scale else warped
+        dice = (2 * (a * b).sum(dim=(1, 2, 3, 4)) + 1e-5) / ((a + b).sum(dim=(1, 2, 3, 4)) + 1e-5)
+        losses.append(1.0 - dice.mean())
+    return sum(losses) / len(losses)
+
+
+class Objective:
+    """Draws batches and computes the loss of one method from its config."""
+
+    def __init__(self, config: dict, grid: Grid, device: torch.device) -> None:
+        self.method = config["method"]
+        self.loss_config = config.get("loss", {})
+        self.augment = config["training"].get("augment", {})
+        self.grid, self.device = grid, device
+
+    # -- batches ---------------------------------------------------------------------------
+    def batch(self, pairs: list[PreparedPair], size: int, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        chosen = [pairs[i] for i in rng.integers(0, len(pairs), size)]
+        if self.method == "synthetic_supervised":
+            return self._synthetic(chosen, rng)
+        fixed = torch.stack([p.fixed for p in chosen])
+        moving = torch.stack([p.moving for p in chosen])
+        batch = {"fixed": fixed, "moving": moving}
+        if self.method == "weakly_supervised":
+            labels = []
+            for pair in chosen:
+                count = pair.fixed_labels.shape[0]
+                weights = np.r_[float(self.loss_config.get("gland_weight", 2.0)), np.ones(count - 1)]
+                channel = int(rng.choice(count, p=weights / weights.sum()))
+                labels.append((pair.fixed_labels[channel:channel + 1], pair.moving_labels[channel:channel + 1]))
+            batch["fixed_label"] = torch.stack([f for f, _ in labels])
+            batch["moving_label"] = torch.stack([m for _, m in labels])
+        batch = self._augment(batch, rng)
+        return {key: value.to(self.device) for key, value in batch.items()}
+
+    def _random_affine(self, size: int, rng: np.random.Generator) -> torch.Tensor:
+        scale = float(self.augment.get("affine", 0.0))
+        shift = float(self.augment.get("translation_mm", 0.0))
+        theta = torch.eye(3, 4).repeat(size, 1, 1)
+        theta[:, :, :3] += torch.as_tensor(rng.uniform(-scale, scale, (size, 3, 3)), dtype=torch.float32)
+        theta[:, :, 3] += torch.as_tensor(rng.uniform(-shift, shift, (size, 3)), dtype=torch.float32)
+        return theta
+
+    def _augment(self, batch: dict[str, torch.Tensor], rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        """Random affine per image (its label follows) and random gamma/contrast/noise."""
+        size = batch["fixed"].shape[0]
+        for image, label in (("fixed", "fixed_label"), ("moving", "moving_label")):
+            if self.augment.get("affine", 0.0) or self.augment.get("translation_mm", 0.0):
+                field = affine_displacement(self._random_affine(size, rng), self.grid)
+                batch[image] = warp(batch[image], field, self.grid, padding_mode="border")
+                if label in batch:
+                    batch[label] = warp(batch[label], field, self.grid)
+            if self.augment.get("intensity", False):
+                gamma = torch.as_tensor(np.exp(rng.uniform(-0.3, 0.3, (size, 1, 1, 1, 1))), dtype=torch.float32)
+                noise = torch.as_tensor(rng.normal(0, 0.02, batch[image].shape), dtype=torch.float32)
+                batch[image] = (batch[image].clamp(0, 1) ** gamma + noise).clamp(0, 1)
+        return batch
+
+    def _synthetic(self, chosen: list[PreparedPair], rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        """RegNet regime: moving = an image, fixed = the image through a known smooth field (three
+        spatial frequencies, amplitude up to ``max_mm``) plus noise; the moving image is given an
+        ultrasound-like appearance with probability ``ultrasound``."""
+        images, fields = [], []
+        for pair in chosen:
+            images.append(pair.fixed if rng.random() < 0.5 else pair.moving)
+            amplitude = float(rng.uniform(0.2, 1.0)) * float(self.loss_config.get("max_mm", 10.0))
+            fields.append(multi_frequency_field(self.grid, amplitude, rng)[0])
+        moving, field = torch.stack(images), torch.stack(fields)
+        fixed = warp(moving, field, self.grid, padding_mode="border")
+        fixed = (fixed + torch.as_tensor(rng.normal(0, 0.02, fixed.shape), dtype=torch.float32)).clamp(0, 1)
+        for index in range(len(moving)):
+            if rng.random() < float(self.loss_config.get("ultrasound", 0.5)):
+                moving[index, 0] = torch.from_numpy(ultrasound_remap(moving[index, 0].numpy(), rng,
+                                                                     float(rng.uniform(0, math.pi))))
+        return {key: value.to(self.device) for key, value in
+                {"fixed": fixed, "moving": moving, "field": field}.items()}
+
+    # -- losses ----------------------------------------------------------------------------
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        output = model(batch["fixed"], batch["moving"])
+        displacement = output["displacement"].float()
+        spacing = self.grid.spacing
+        bending = float(self.loss_config.get("bending", 0.0)) * bending_energy(displacement, spacing)
+        if self.method == "weakly_supervised":
+            warped = warp(batch["moving_label"], displacement, self.grid)
+            scales = self.loss_config.get("scales_voxels", [0, 1, 2, 4, 8, 16])
+            return multiscale_dice(batch["fixed_label"], warped, scales, spacing) + bending
+        if self.method == "synthetic_supervised":
+            return (displacement - batch["field"]).norm(dim=1).mean() + bending
+        warped = warp(batch["moving"], displacement, self.grid, padding_mode="border")
+        dissimilarity = similarity(self.loss_config.get("similarity", "charbonnier"), batch["fixed"], warped, spacing)
+        if self.method == "unsupervised":
+            smoothness = sum(charbonnier(g).mean() for g in image_gradients(displacement, spacing))
+            return dissimilarity + float(self.loss_config.get("smoothness", 1.0)) * smoothness + bending
+        eye = torch.eye(3, 4, device=displacement.device)
+        alpha, beta = float(self.loss_config.get("alpha", 1e-6)), float(self.loss_config.get("beta", 1e-6))
+        return (dissimilarity + alpha * (output["theta"].float() - eye).abs().sum()
+                + beta * (output["gradients"].float() - 1.0).abs().sum())
+
+
+def build(config: dict, grid: Grid, device: torch.device) -> Objective:
+    return Objective(config, grid, device)
