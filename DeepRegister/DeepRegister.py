@@ -425,7 +425,7 @@ class DeepRegisterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._running or not parameterNode.outputTransform or not parameterNode.saliencyVolume:
             return
         settings = (parameterNode.saliencyOpacity, parameterNode.fieldDisplay)
-        if settings == self._appliedDisplay or not self.logic.torchAvailable():
+        if settings == self._appliedDisplay:
             return
         self._appliedDisplay = settings
         try:
@@ -487,9 +487,6 @@ class DeepRegisterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.treSummaryLabel.text = _("Place pairs of corresponding landmarks on the fixed and moving "
                                              "volumes to measure the target registration error (TRE).")
             return
-        if not self.logic.torchAvailable():
-            self.ui.treSummaryLabel.text = _("TRE is measured once PyTorch is installed (press Register to install it).")
-            return
         try:
             table = self.logic.measureTRE(fixed, moving, parameterNode.outputTransform, parameterNode.treTable)
         except ValueError as error:  # e.g. unequal counts while points are being placed
@@ -536,7 +533,8 @@ class DeepRegisterLogic(ScriptedLoadableModuleLogic):
 
     @property
     def engine(self):
-        """``DeepRegisterLib.logic.RegistrationLogic`` on the application's scene (imports PyTorch)."""
+        """``DeepRegisterLib.logic.RegistrationLogic`` on the application's scene (PyTorch is imported
+        only when registering; TRE and display work without it)."""
         if self._engine is None:
             from DeepRegisterLib.logic import RegistrationLogic
 

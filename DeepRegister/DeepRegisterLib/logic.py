@@ -14,13 +14,16 @@ Bad input raises :class:`LogicError` and leaves the scene as it was.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import vtk
 
 from . import mrml
 from .imageio import InputError
-from .registration import ProgressCallback, register as register_images
+
+if TYPE_CHECKING:
+    from .registration import ProgressCallback
 
 FIELD_MODES = ("off", "glyphs", "grid", "contours")
 SALIENCY_COLORMAP_NAME = "DeepRegister saliency (inferno)"
@@ -67,7 +70,7 @@ class RegistrationLogic:
 
     # -- registration --------------------------------------------------------------------------
     def register(self, fixedVolumeNode, movingVolumeNode, model: str | None = None, device: str = "auto",
-                 iterations: int | None = None, progress: ProgressCallback | None = None,
+                 iterations: int | None = None, progress: "ProgressCallback | None" = None,
                  outputTransformNode=None, saliencyNode=None, warpedNode=None,
                  createWarped: bool = False) -> MRMLRegistrationResult:
         """Register the moving volume to the fixed one; the moving volume is put under the new transform.
@@ -87,6 +90,8 @@ class RegistrationLogic:
                 and movingVolumeNode.GetParentTransformNode() is not outputTransformNode:
             raise LogicError(f"The moving volume '{movingVolumeNode.GetName()}' is already under the transform "
                              f"'{movingVolumeNode.GetParentTransformNode().GetName()}'; harden or remove it first.")
+        from .registration import register as register_images  # torch: only needed to register
+
         try:
             result = register_images(mrml.volume_to_sitk(fixedVolumeNode), mrml.volume_to_sitk(movingVolumeNode),
                                      model=model, device=device, iterations=iterations, progress=progress)
