@@ -29,7 +29,7 @@ from DeepRegisterLib.nets import build_network
 from DeepRegisterLib.spatial import Grid, folding_percent, warp
 
 from . import objectives
-from .data import PreparedPair, label_centroids, pairs_from_csv, pairs_from_folder, prepare_pair, split
+from .data import PairFiles, PreparedPair, label_centroids, pairs_from_csv, pairs_from_folder, prepare_pair, split
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,17 +52,28 @@ def model_card(config: dict) -> ModelCard:
                      input_size=list(config["input_size"]), spacing_mm=list(config["spacing_mm"]),
                      modality=config.get("modality", {"fixed": "any", "moving": "any"}),
                      intensity_percentiles=list(config.get("intensity_percentiles", [1.0, 99.0])),
-                     finetune_metric=config.get("finetune_metric", "mi"))
+                     finetune_metric=config.get("finetune_metric", "mi"),
+                     finetune_iterations=int(config.get("finetune_iterations", 0)))
+
+
+def _resolve(path: str) -> Path:
+    return Path(path) if Path(path).is_absolute() or Path(path).exists() else REPO / path
 
 
 def load_pairs(config: dict, data_override: str | None) -> tuple[list[PreparedPair], list[PreparedPair]]:
-    """Training and held-out pairs, prepared on the model grid."""
-    source = Path(data_override or config["data"]["source"])
-    if not source.is_absolute() and not source.exists():
-        source = REPO / source
+    """Training and held-out pairs, prepared on the model grid.
+
+    ``data.source``: pairs (DeepReg folder or CSV), split by ``validation_pairs``; ``data.images`` and
+    ``data.validation_images``: single volumes (for synthetic deformations), added to each side.
+    """
+    data = config["data"]
+    source = _resolve(data_override or data["source"])
     files = pairs_from_csv(source) if source.suffix == ".csv" else pairs_from_folder(source)
-    held_out = int(config["data"].get("validation_pairs", max(1, len(files) // 6)))
-    train_files, val_files = split(files, min(held_out, len(files) - 1), int(config["data"].get("seed", 0)))
+    held_out = int(data.get("validation_pairs", max(1, len(files) // 6)))
+    train_files, val_files = split(files, min(held_out, len(files) - 1), int(data.get("seed", 0)))
+    if not data_override:
+        train_files += [PairFiles(Path(p).name, _resolve(p), _resolve(p)) for p in data.get("images", [])]
+        val_files += [PairFiles(Path(p).name, _resolve(p), _resolve(p)) for p in data.get("validation_images", [])]
     card = model_card(config)
     return [prepare_pair(f, card) for f in train_files], [prepare_pair(f, card) for f in val_files]
 
@@ -95,11 +106,23 @@ def trained_groups(config: dict, step: int, groups: list[str]) -> set[str]:
 
 
 @torch.no_grad()
-def validate(network: torch.nn.Module, pairs: list[PreparedPair], grid: Grid, device: torch.device) -> dict:
-    """Median landmark-centroid TRE (mm), median gland Dice, mean folding (%) over held-out pairs."""
+def validate(network: torch.nn.Module, pairs: list[PreparedPair], grid: Grid, device: torch.device,
+             objective: objectives.Objective) -> dict:
+    """Median target error (mm), median gland Dice, mean folding (%) over held-out pairs.
+
+    Target error: landmark-centroid TRE for labelled pairs; for the synthetic-supervised method,
+    the endpoint error of a fixed (seeded) synthetic field at the voxels inside the anatomy.
+    """
     network.eval()
     errors, dices, folds = [], [], []
-    for pair in pairs:
+    for index, pair in enumerate(pairs):
+        if objective.method == "synthetic_supervised":
+            batch = objective.batch([pair], 1, np.random.default_rng(1234 + index))
+            displacement = network(batch["fixed"], batch["moving"])["displacement"].float()
+            inside = batch["moving"][0, 0] > 0.1
+            errors += (displacement - batch["field"]).norm(dim=1)[0][inside].cpu().tolist()
+            folds.append(folding_percent(displacement.cpu(), grid))
+            continue
         displacement = network(pair.fixed[None].to(device), pair.moving[None].to(device))["displacement"].float().cpu()
         folds.append(folding_percent(displacement, grid))
         if pair.fixed_labels is None:
@@ -186,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
             progress("train", (step + 1 - start) / max(steps - start, 1))
         last = step + 1 == steps
         if rank == 0 and ((step + 1) % int(training.get("validate_every", 200)) == 0 or last):
-            metrics = validate(network, val_pairs, grid, device)
+            metrics = validate(network, val_pairs, grid, device, objective)
             with val_path.open("a") as handle:
                 handle.write(f"{step + 1},{metrics['tre_median_mm']:.4f},{metrics['dice_median']:.4f},"
                              f"{metrics['folding_percent']:.4f}\n")

@@ -42,6 +42,7 @@ class ModelCard:
     modality: dict = field(default_factory=lambda: {"fixed": "any", "moving": "any"})
     intensity_percentiles: list[float] = field(default_factory=lambda: [1.0, 99.0])
     finetune_metric: str = "mi"
+    finetune_iterations: int = 0  # default fine-tuning steps after the network's prediction
     saliency_sigma_mm: float = 1.5
     training: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)

@@ -261,8 +261,8 @@ def register(fixed: sitk.Image, moving: sitk.Image, model: str | None = None, de
     """Register ``moving`` to ``fixed`` (SimpleITK 3D scalar volumes of any size, spacing, direction).
 
     ``model``: a model name or folder (see :mod:`DeepRegisterLib.models`); ``None`` runs
-    fine-tuning alone from the identity. ``iterations``: fine-tuning steps (default: 0 with a
-    model, 150 without). ``metric``: "mi" or "lncc" for fine-tuning (default from the model card,
+    fine-tuning alone from the identity. ``iterations``: fine-tuning steps (default: the model
+    card's ``finetune_iterations``, 150 without a model). ``metric``: "mi" or "lncc" for fine-tuning (default from the model card,
     "mi" without a model). ``align_centers``: first shift the moving image so the image centres
     coincide. ``progress(stage, fraction)`` is called during each stage; return ``False`` to
     cancel (raises :class:`RegistrationCancelled`). On a CUDA out-of-memory error the
@@ -300,7 +300,7 @@ def _register(fixed: sitk.Image, moving: sitk.Image, model: str | None, device: 
                         "starting from the identity (after aligning image centres).")
     else:
         card, network = load_model(model, device)
-        iterations = 0 if iterations is None else iterations
+        iterations = card.finetune_iterations if iterations is None else iterations
     metric = metric or card.finetune_metric
     grid = model_grid(fixed, card)
     fixed_grid = Grid.from_image(fixed)
