@@ -113,14 +113,18 @@ class Objective:
         return batch
 
     def _synthetic(self, chosen: list[PreparedPair], rng: np.random.Generator) -> dict[str, torch.Tensor]:
-        """RegNet regime: moving = an image, fixed = the image through a known smooth field (three
-        spatial frequencies, amplitude up to ``max_mm``) plus noise; the moving image is given an
-        ultrasound-like appearance with probability ``ultrasound``."""
+        """RegNet regime: moving = an image, fixed = the image through a known smooth field (random
+        peaks at three spatial frequencies, median magnitude drawn from ``median_mm``) plus noise;
+        the moving image is given an ultrasound-like appearance with probability ``ultrasound``."""
         images, fields = [], []
+        low, high = self.loss_config.get("median_mm", [0.5, 4.0])
         for pair in chosen:
             images.append(pair.fixed if rng.random() < 0.5 else pair.moving)
-            amplitude = float(rng.uniform(0.2, 1.0)) * float(self.loss_config.get("max_mm", 10.0))
-            fields.append(multi_frequency_field(self.grid, amplitude, rng)[0])
+            # Dense peaks (about one per Gaussian volume of the finest scale), so every region moves;
+            # scaled to a random median displacement magnitude.
+            peaks = int(np.prod(self.grid.size) * (min(self.grid.spacing) / 12.0) ** 3) + 60
+            field = multi_frequency_field(self.grid, 1.0, rng, peaks=peaks)[0]
+            fields.append(field * (float(rng.uniform(low, high)) / float(field.norm(dim=0).median())))
         moving, field = torch.stack(images), torch.stack(fields)
         fixed = warp(moving, field, self.grid, padding_mode="border")
         fixed = (fixed + torch.as_tensor(rng.normal(0, 0.02, fixed.shape), dtype=torch.float32)).clamp(0, 1)

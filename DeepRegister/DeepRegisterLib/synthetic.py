@@ -30,9 +30,10 @@ def random_smooth_field(grid: Grid, max_mm: float, sigma_mm: float, peaks: int,
 
 
 def multi_frequency_field(grid: Grid, max_mm: float, rng: np.random.Generator,
-                          sigmas_mm: tuple[float, ...] = (30.0, 20.0, 12.0)) -> torch.Tensor:
-    """Sum of random smooth fields at three spatial frequencies (low, medium, high), scaled to ``max_mm``."""
-    field = sum(random_smooth_field(grid, 1.0, sigma, 60, rng) for sigma in sigmas_mm)
+                          sigmas_mm: tuple[float, ...] = (30.0, 20.0, 12.0), peaks: int = 60) -> torch.Tensor:
+    """Sum of random smooth fields at three spatial frequencies (low, medium, high) of ``peaks``
+    random peaks each, scaled to ``max_mm``."""
+    field = sum(random_smooth_field(grid, 1.0, sigma, peaks, rng) for sigma in sigmas_mm)
     return field * (max_mm / field.norm(dim=1).max())
 
 
