@@ -224,3 +224,19 @@ def test_missing_key_is_a_clear_error(key: str, tmp_path: Path) -> None:
     path = _write_config(tmp_path, lambda c: c.pop(key))
     with pytest.raises(ValueError, match=f"lacks '{key}'"):
         train.load_config(path)
+
+
+def test_ddp_with_reduce_on_plateau_stays_in_sync(tiny_data: Path, tmp_path: Path) -> None:
+    """The scheduler steps on the loss averaged over ranks, so learning rates drop at the same step."""
+    config = small_config(REPO / "training" / "configs" / "linear_deformable.yaml", tmp_path / "configs",
+                          batch_size=1, plateau_patience=0, plateau_factor=0.5)
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+               "-m", "training.train", "--config", str(config), "--data", str(tiny_data),
+               "--max-steps", "8", "--out", str(run)]
+    completed = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    summary = json.loads((run / "run.json").read_text())
+    assert summary["world_size"] == 2 and summary["ranks_in_sync"] is True, summary

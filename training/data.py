@@ -54,7 +54,7 @@ def pairs_from_folder(root: str | Path) -> list[PairFiles]:
     if not (root / "fixed_images").is_dir() or not (root / "moving_images").is_dir():
         raise ValueError(f"{root} needs fixed_images/ and moving_images/ folders.")
     pairs = []
-    for fixed in sorted((root / "fixed_images").iterdir()):
+    for fixed in sorted(p for p in (root / "fixed_images").iterdir() if not p.name.startswith(".")):
         labels = [root / folder / fixed.name for folder in FOLDERS[2:]]
         pairs.append(PairFiles(fixed.name.split(".")[0], fixed, root / "moving_images" / fixed.name,
                                *(path if path.exists() else None for path in labels)))

@@ -126,6 +126,7 @@ class Objective:
             field = multi_frequency_field(self.grid, 1.0, rng, peaks=peaks)[0]
             fields.append(field * (float(rng.uniform(low, high)) / float(field.norm(dim=0).median())))
         moving, field = torch.stack(images), torch.stack(fields)
+        mask = moving > 0.1  # the anatomy, before any remapping
         fixed = warp(moving, field, self.grid, padding_mode="border")
         fixed = (fixed + torch.as_tensor(rng.normal(0, 0.02, fixed.shape), dtype=torch.float32)).clamp(0, 1)
         for index in range(len(moving)):
@@ -133,7 +134,7 @@ class Objective:
                 moving[index, 0] = torch.from_numpy(ultrasound_remap(moving[index, 0].numpy(), rng,
                                                                      float(rng.uniform(0, math.pi))))
         return {key: value.to(self.device) for key, value in
-                {"fixed": fixed, "moving": moving, "field": field}.items()}
+                {"fixed": fixed, "moving": moving, "field": field, "mask": mask}.items()}
 
     # -- losses ----------------------------------------------------------------------------
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -74,6 +74,10 @@ def load_pairs(config: dict, data_override: str | None) -> tuple[list[PreparedPa
     if not data_override:
         train_files += [PairFiles(Path(p).name, _resolve(p), _resolve(p)) for p in data.get("images", [])]
         val_files += [PairFiles(Path(p).name, _resolve(p), _resolve(p)) for p in data.get("validation_images", [])]
+    if config["method"] == "weakly_supervised":
+        unlabelled = [f.name for f in train_files + val_files if f.fixed_labels is None or f.moving_labels is None]
+        if unlabelled:
+            raise ValueError(f"weakly_supervised training needs fixed and moving labels; missing for {unlabelled[:5]}.")
     card = model_card(config)
     return [prepare_pair(f, card) for f in train_files], [prepare_pair(f, card) for f in val_files]
 
@@ -119,7 +123,7 @@ def validate(network: torch.nn.Module, pairs: list[PreparedPair], grid: Grid, de
         if objective.method == "synthetic_supervised":
             batch = objective.batch([pair], 1, np.random.default_rng(1234 + index))
             displacement = network(batch["fixed"], batch["moving"])["displacement"].float()
-            inside = batch["moving"][0, 0] > 0.1
+            inside = batch["mask"][0, 0]
             errors += (displacement - batch["field"]).norm(dim=1)[0][inside].cpu().tolist()
             folds.append(folding_percent(displacement.cpu(), grid))
             continue
@@ -159,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     seed = int(training.get("seed", 0))
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed + rank)
-    steps = int(args.max_steps or training["steps"])
+    steps = int(args.max_steps if args.max_steps is not None else training["steps"])
     out = Path(args.out or REPO / "runs" / config["name"])
     out.mkdir(parents=True, exist_ok=True)
 
@@ -186,9 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     objective = objectives.build(config, grid, device)
     progress = ProgressBar(always=rank == 0)
     log_path, val_path = out / "train_log.csv", out / "validation_log.csv"
-    if rank == 0 and start == 0:
-        log_path.write_text("step,loss,seconds\n")
-        val_path.write_text("step,tre_median_mm,dice_median,folding_percent\n")
+    if rank == 0:
+        restart_logs([log_path, val_path], ["step,loss,seconds", "step,tre_median_mm,dice_median,folding_percent"],
+                     start)
     begin = time.perf_counter()
     for step in range(start, steps):
         batch = objective.batch(train_pairs, int(training.get("batch_size", 4)), rng)
@@ -202,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
                 for parameter in params:
                     parameter.grad = None  # Adam leaves parameters without gradients untouched
         optimizer.step()
-        plateau.step(float(loss.detach()))
+        plateau.step(mean_over_ranks(loss.detach(), world))
         if rank == 0:
             with log_path.open("a") as handle:
                 handle.write(f"{step + 1},{float(loss.detach()):.6f},{time.perf_counter() - begin:.2f}\n")
@@ -233,6 +237,23 @@ def main(argv: list[str] | None = None) -> int:
     if world > 1:
         dist.destroy_process_group()
     return 0
+
+
+def mean_over_ranks(value: torch.Tensor, world: int) -> float:
+    """The value averaged over all ranks, so schedulers step identically everywhere."""
+    if world > 1:
+        value = value.clone()
+        dist.all_reduce(value)
+        value /= world
+    return float(value)
+
+
+def restart_logs(paths: list[Path], headers: list[str], start: int) -> None:
+    """Write missing headers; on resume drop rows logged after the checkpoint's step."""
+    for path, header in zip(paths, headers):
+        rows = path.read_text().splitlines()[1:] if path.exists() else []
+        kept = [row for row in rows if int(row.split(",")[0]) <= start]
+        path.write_text("\n".join([header, *kept]) + "\n")
 
 
 def ranks_in_sync(network: torch.nn.Module, world: int) -> bool:
