@@ -154,19 +154,24 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_ddp_two_processes_stay_in_sync(tiny_data: Path, tmp_path: Path) -> None:
-    config = small_config(REPO / "training" / "configs" / "linear_deformable.yaml", tmp_path / "configs",
-                          batch_size=1)
-    run = tmp_path / "run"
+def run_two_processes(config: Path, data: Path, run: Path, steps: int) -> None:
+    """A 2-process gloo torchrun of ``steps`` steps; asserts it succeeds with both ranks in sync."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-               "-m", "training.train", "--config", str(config), "--data", str(tiny_data),
-               "--max-steps", "2", "--out", str(run)]
+               "-m", "training.train", "--config", str(config), "--data", str(data),
+               "--max-steps", str(steps), "--out", str(run)]
     completed = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     summary = json.loads((run / "run.json").read_text())
     assert summary["world_size"] == 2 and summary["ranks_in_sync"] is True, summary
+
+
+def test_ddp_two_processes_stay_in_sync(tiny_data: Path, tmp_path: Path) -> None:
+    config = small_config(REPO / "training" / "configs" / "linear_deformable.yaml", tmp_path / "configs",
+                          batch_size=1)
+    run = tmp_path / "run"
+    run_two_processes(config, tiny_data, run, steps=2)
     assert [row["step"] for row in read_csv(run / "train_log.csv")] == ["1", "2"]
 
 
@@ -230,13 +235,4 @@ def test_ddp_with_reduce_on_plateau_stays_in_sync(tiny_data: Path, tmp_path: Pat
     """The scheduler steps on the loss averaged over ranks, so learning rates drop at the same step."""
     config = small_config(REPO / "training" / "configs" / "linear_deformable.yaml", tmp_path / "configs",
                           batch_size=1, plateau_patience=0, plateau_factor=0.5)
-    run = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-               "-m", "training.train", "--config", str(config), "--data", str(tiny_data),
-               "--max-steps", "8", "--out", str(run)]
-    completed = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
-    summary = json.loads((run / "run.json").read_text())
-    assert summary["world_size"] == 2 and summary["ranks_in_sync"] is True, summary
+    run_two_processes(config, tiny_data, tmp_path / "run", steps=8)
