@@ -43,8 +43,7 @@ NO_MODEL_TEXT = "None (fine-tune on the pair only)"
 NO_MODEL_DESCRIPTION = ("No trained model: the deformation is optimised on this pair alone, starting from "
                         "aligned image centres. Slower than a trained model and less robust to large deformations.")
 # Fine-tuning steps the engine runs when none are asked for (DeepRegisterLib.registration); shown in the panel.
-DEFAULT_ITERATIONS_WITH_MODEL = 0
-DEFAULT_ITERATIONS_WITHOUT_MODEL = 150
+DEFAULT_ITERATIONS_WITHOUT_MODEL = 150  # with a model: its card's finetune_iterations
 STAGE_NAMES = {"preprocess": "Preprocessing", "network": "Network", "finetune": "Fine-tuning", "output": "Outputs"}
 
 
@@ -183,6 +182,7 @@ class DeepRegisterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._cancelRequested = False
         self._updatingModelComboBox = False
         self._modelsListed = False
+        self._cards = {}
         self._treInputs = None
         self._treObservations = []
         self._appliedDisplay = None
@@ -303,6 +303,7 @@ class DeepRegisterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             comboBox.clear()
             cards = self.logic.availableModels()
+            self._cards = {card.name: card for card in cards}
             self._modelsListed = self.logic.torchAvailable()
             for card in cards:
                 comboBox.addItem(card.name, card.name)
@@ -344,7 +345,8 @@ class DeepRegisterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             default = DEFAULT_ITERATIONS_WITHOUT_MODEL
         else:
             text = comboBox.itemData(index, qt.Qt.ToolTipRole) or _("Model '{model}' is not installed.").format(model=model)
-            default = DEFAULT_ITERATIONS_WITH_MODEL
+            card = self._cards.get(model)
+            default = card.finetune_iterations if card is not None else 0
         self.ui.modelDescriptionLabel.text = text
         self.ui.iterationsSpinBox.specialValueText = _("Default ({count})").format(count=default)
 
