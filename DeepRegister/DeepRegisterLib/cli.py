@@ -242,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
                                          "default: no network, fine-tuning only")
         sub.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
         sub.add_argument("--iterations", type=int, help="fine-tuning steps on this pair "
-                                                        "(default 0 with a model, 150 without)")
+                                                        "(default: the model card's, 150 without a model)")
         sub.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
     register = commands.add_parser("register", help="register a moving volume to a fixed volume")
