@@ -30,7 +30,7 @@ def shown():
     moving = add_volume(scene, read_image(SAMPLE / "moving_mr.nii.gz"), "MR")
     logic = RegistrationLogic(scene)
     result = logic.register(fixed, moving, iterations=60, device="cpu")
-    fixed_landmarks = add_fiducials(scene, read_landmarks(SAMPLE / "fixed_landmarks.fcsv").points, "F")
+    add_fiducials(scene, read_landmarks(SAMPLE / "fixed_landmarks.fcsv").points, "F")
     moving_landmarks = add_fiducials(scene, read_landmarks(SAMPLE / "moving_landmarks.fcsv").points, "M")
     moving_landmarks.SetAndObserveTransformNodeID(result.transformNode.GetID())
     moving_landmarks.GetDisplayNode().SetSelectedColor(0.2, 0.8, 1.0)

@@ -18,7 +18,7 @@ import torch
 
 from DeepRegisterLib.imageio import check_volume, read_image
 from DeepRegisterLib.models import ModelCard
-from DeepRegisterLib.registration import model_grid, normalize_intensity, to_model_tensor
+from DeepRegisterLib.registration import center_alignment, model_grid, normalize_intensity, to_model_tensor
 from DeepRegisterLib.spatial import Grid
 
 FOLDERS = ("fixed_images", "moving_images", "fixed_labels", "moving_labels")
@@ -93,7 +93,7 @@ def prepare_pair(files: PairFiles, card: ModelCard) -> PreparedPair:
     fixed = check_volume(read_image(files.fixed), "fixed")
     moving = check_volume(read_image(files.moving), "moving")
     grid = model_grid(fixed, card)
-    shift = sitk.TranslationTransform(3, (Grid.from_image(moving).center - Grid.from_image(fixed).center).tolist())
+    shift = center_alignment(fixed, moving)
     device = torch.device("cpu")
     fixed_t = to_model_tensor(fixed, grid, sitk.Transform(), normalize_intensity(fixed, card.intensity_percentiles),
                               device)[0]

@@ -12,7 +12,6 @@ known synthetic fields) and ``linear_deformable`` (Christodoulidis et al.). See 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import time

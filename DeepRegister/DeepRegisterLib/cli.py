@@ -15,7 +15,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import SimpleITK as sitk
 
 from .imageio import InputError, read_image
@@ -96,7 +95,7 @@ def run_registration(fixed_path: str, moving_path: str, out: Path, model: str | 
                      align_centers: bool = True, progress: ProgressBar | None = None) -> dict:
     """Register two image files and write transform.h5, warped.nii.gz, saliency.nii.gz, report.json
     and report.png to ``out``; returns the report."""
-    from .registration import register
+    from .registration import center_alignment, register
     from .report import write_report_png
 
     pair = _read_landmark_pair(*landmarks)
@@ -126,8 +125,8 @@ def run_registration(fixed_path: str, moving_path: str, out: Path, model: str | 
             }
             if align_centers:
                 report["tre_mm"]["centres_aligned"] = tre_summary(tre(fixed_points, moving_points,
-                                                                      _centre_shift(fixed, moving)))
-        moving_before = sitk.Resample(moving, fixed, _centre_shift(fixed, moving) if align_centers
+                                                                      center_alignment(fixed, moving)))
+        moving_before = sitk.Resample(moving, fixed, center_alignment(fixed, moving) if align_centers
                                       else sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
         write_report_png(temporary / "report.png", fixed, moving_before, result.warped, result.saliency,
                          result.displacement_field(), title=_title(report))
@@ -142,12 +141,6 @@ def run_registration(fixed_path: str, moving_path: str, out: Path, model: str | 
             for folder in reversed(created):
                 if folder.is_dir() and not any(folder.iterdir()):
                     folder.rmdir()
-
-
-def _centre_shift(fixed: sitk.Image, moving: sitk.Image) -> sitk.Transform:
-    def centre(image: sitk.Image) -> np.ndarray:
-        return np.asarray(image.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in image.GetSize()]))
-    return sitk.TranslationTransform(3, (centre(moving) - centre(fixed)).tolist())
 
 
 def _title(report: dict) -> str:

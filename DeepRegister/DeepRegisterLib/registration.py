@@ -77,6 +77,11 @@ def instance_card() -> ModelCard:
                      architecture="", config={}, input_size=[INSTANCE_GRID_VOXELS] * 3, spacing_mm=[0.0] * 3)
 
 
+def center_alignment(fixed: sitk.Image, moving: sitk.Image) -> sitk.TranslationTransform:
+    """The fixed->moving translation that makes the two image centres coincide (mm, LPS)."""
+    return sitk.TranslationTransform(3, (Grid.from_image(moving).center - Grid.from_image(fixed).center).tolist())
+
+
 def model_grid(fixed: sitk.Image, card: ModelCard) -> Grid:
     """The network's input grid for this fixed image: card size and spacing, centred on the fixed
     image with its direction. A card spacing of 0 fits the fixed image's extent (isotropic,
@@ -304,14 +309,14 @@ def _register(fixed: sitk.Image, moving: sitk.Image, model: str | None, device: 
     metric = metric or card.finetune_metric
     grid = model_grid(fixed, card)
     fixed_grid = Grid.from_image(fixed)
-    center_shift = Grid.from_image(moving).center - fixed_grid.center if align_centers else np.zeros(3)
+    shift = center_alignment(fixed, moving) if align_centers else sitk.TranslationTransform(3)
+    center_shift = np.asarray(shift.GetOffset())
     if not align_centers:
         low_f, high_f = physical_box(fixed)
         low_m, high_m = physical_box(moving)
         if np.any(high_f < low_m) or np.any(high_m < low_f):
             raise InputError("The fixed and moving volumes do not overlap in physical space. Check their "
                              "origins and directions, or let DeepRegister align their centres.")
-    shift = sitk.TranslationTransform(3, center_shift.tolist())
     fixed_t = to_model_tensor(fixed, grid, sitk.Transform(), normalize_intensity(fixed, card.intensity_percentiles),
                               device)
     moving_t = to_model_tensor(moving, grid, shift, normalize_intensity(moving, card.intensity_percentiles), device)
