@@ -25,7 +25,7 @@ import yaml
 from DeepRegisterLib.cli import ProgressBar
 from DeepRegisterLib.models import ModelCard, save_model
 from DeepRegisterLib.nets import build_network
-from DeepRegisterLib.spatial import Grid, folding_percent, warp
+from DeepRegisterLib.spatial import Grid, folding_percent, sample, warp
 
 from . import objectives
 from .data import PairFiles, PreparedPair, label_centroids, pairs_from_csv, pairs_from_folder, prepare_pair, split
@@ -135,8 +135,6 @@ def validate(network: torch.nn.Module, pairs: list[PreparedPair], grid: Grid, de
         dices.append(float(2 * (fixed_gland & warped_gland).sum() / max(int(fixed_gland.sum() + warped_gland.sum()), 1)))
         fixed_centres = label_centroids(pair.fixed_labels[1:], grid)
         moving_centres = label_centroids(pair.moving_labels[1:], grid)
-        from DeepRegisterLib.spatial import sample
-
         mapped = fixed_centres + sample(displacement, fixed_centres.view(1, -1, 1, 1, 3), grid,
                                         padding_mode="border")[0, :, :, 0, 0].T
         errors += [e for e in (mapped - moving_centres).norm(dim=1).tolist() if np.isfinite(e)]

@@ -219,13 +219,17 @@ def fine_tune(fixed: torch.Tensor, moving: torch.Tensor, initial: torch.Tensor, 
             {"params": list(deformation.fields), "lr": FIELD_LR * factor},
         ])
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0 - 0.8 * i / steps)
+        def warped_moving(padding_mode: str) -> torch.Tensor:
+            """The level's moving image through the current field, on the level grid."""
+            field = initial_flat + deformation.displacement(points)
+            return spatial.sample(level_moving, (points + field).view(1, *level_grid.shape, 3), level_grid,
+                                  padding_mode=padding_mode)
+
         weight_map = torch.ones_like(level_fixed)
         for step in range(steps):
             if step % 25 == 0:
                 with torch.no_grad():
-                    field = initial_flat + deformation.displacement(points)
-                    warped = spatial.sample(level_moving, (points + field).view(1, *level_grid.shape, 3), level_grid)
-                    weight_map = saliency_weights(level_fixed, warped, level_grid, saliency_sigma_mm)
+                    weight_map = saliency_weights(level_fixed, warped_moving("zeros"), level_grid, saliency_sigma_mm)
             optimizer.zero_grad(set_to_none=True)
             if metric == "mi":
                 index = torch.randint(0, points.shape[0], (min(SAMPLES_PER_ITERATION, points.shape[0]),),
@@ -236,10 +240,7 @@ def fine_tune(fixed: torch.Tensor, moving: torch.Tensor, initial: torch.Tensor, 
                 weights = weight_map.view(-1)[index] * inside
                 similarity = mutual_information_loss(level_fixed.view(-1)[index], values, weight=weights)
             else:
-                field = initial_flat + deformation.displacement(points)
-                warped = spatial.sample(level_moving, (points + field).view(1, *level_grid.shape, 3), level_grid,
-                                        padding_mode="border")
-                similarity = lncc_loss(level_fixed, warped, weight=weight_map)
+                similarity = lncc_loss(level_fixed, warped_moving("border"), weight=weight_map)
             loss = similarity + BENDING_WEIGHT * deformation.regularization()
             loss.backward()
             optimizer.step()
@@ -358,7 +359,8 @@ def _register(fixed: sitk.Image, moving: sitk.Image, model: str | None, device: 
         folding = spatial.folding_percent(full, fixed_grid)
         transform = sitk.DisplacementFieldTransform(spatial.displacement_to_sitk(full.cpu(), fixed_grid))
     warped = sitk.Resample(moving, fixed, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-    saliency = sitk.Resample(_scalar_image(saliency_model.cpu(), grid), fixed, sitk.Transform(), sitk.sitkLinear, 0.0)
+    saliency = sitk.Resample(grid.place(sitk.GetImageFromArray(saliency_model[0, 0].cpu().numpy())), fixed,
+                             sitk.Transform(), sitk.sitkLinear, 0.0)
     saliency = sitk.Clamp(saliency, sitk.sitkFloat32, 0.0, 1.0)
     timings["output"] = time.perf_counter() - start
     timings["total"] = sum(timings.values())
@@ -366,10 +368,3 @@ def _register(fixed: sitk.Image, moving: sitk.Image, model: str | None, device: 
     name = card.name if network is not None else "none (fine-tuning only)"
     return RegistrationResult(transform, warped, saliency, timings, folding, name, str(device), iterations, messages)
 
-
-def _scalar_image(volume: torch.Tensor, grid: Grid) -> sitk.Image:
-    image = sitk.GetImageFromArray(volume[0, 0].numpy().astype(np.float32))
-    image.SetSpacing(grid.spacing)
-    image.SetOrigin(grid.origin)
-    image.SetDirection(grid.direction)
-    return image

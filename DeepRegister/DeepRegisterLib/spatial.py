@@ -86,13 +86,16 @@ class Grid:
         inverse = np.linalg.inv(self.index_to_physical)
         return (np.asarray(points, dtype=float) - np.asarray(self.origin)) @ inverse.T
 
-    def reference_image(self, pixel_type: int = sitk.sitkFloat32) -> sitk.Image:
-        """An empty SimpleITK image with this geometry (for resampling)."""
-        image = sitk.Image([int(v) for v in self.size], pixel_type)
+    def place(self, image: sitk.Image) -> sitk.Image:
+        """Give ``image`` (of this grid's size) this grid's spacing, origin and direction; returns it."""
         image.SetSpacing(self.spacing)
         image.SetOrigin(self.origin)
         image.SetDirection(self.direction)
         return image
+
+    def reference_image(self, pixel_type: int = sitk.sitkFloat32) -> sitk.Image:
+        """An empty SimpleITK image with this geometry (for resampling)."""
+        return self.place(sitk.Image([int(v) for v in self.size], pixel_type))
 
 
 def physical_points(grid: Grid, dtype: torch.dtype = torch.float32,
@@ -265,11 +268,7 @@ def folding_percent(displacement: torch.Tensor, grid: Grid) -> float:
 def displacement_to_sitk(displacement: torch.Tensor, grid: Grid) -> sitk.Image:
     """One displacement (1, 3, Z, Y, X) in mm to a float64 vector image with ``grid``'s geometry."""
     array = displacement[0].detach().permute(1, 2, 3, 0).cpu().numpy().astype(np.float64)
-    image = sitk.GetImageFromArray(array, isVector=True)
-    image.SetSpacing(grid.spacing)
-    image.SetOrigin(grid.origin)
-    image.SetDirection(grid.direction)
-    return image
+    return grid.place(sitk.GetImageFromArray(array, isVector=True))
 
 
 def sitk_to_displacement(image: sitk.Image) -> torch.Tensor:

@@ -127,12 +127,8 @@ def make_phantom_pair(seed: int = 0, size: tuple[int, int, int] = (96, 96, 96), 
     moving_points = np.asarray([transform.TransformPoint(tuple(p)) for p in fixed_points])
 
     anatomy, gland = _anatomy(moving_grid, rng, moving_points)
-    moving = sitk.GetImageFromArray(anatomy.astype(np.float32))
-    moving_gland = sitk.GetImageFromArray(gland.astype(np.uint8))
-    for image in (moving, moving_gland):
-        image.SetSpacing(moving_grid.spacing)
-        image.SetOrigin(moving_grid.origin)
-        image.SetDirection(moving_grid.direction)
+    moving = moving_grid.place(sitk.GetImageFromArray(anatomy.astype(np.float32)))
+    moving_gland = moving_grid.place(sitk.GetImageFromArray(gland.astype(np.uint8)))
     reference = fixed_grid.reference_image()
     fixed = sitk.Resample(moving, reference, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
     fixed_gland = sitk.Resample(moving_gland, reference, transform, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
