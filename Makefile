@@ -11,7 +11,7 @@ $(BIN)/deepregister: pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch first with an exact pin: a looser request pulls a multi-GB CUDA build (see README).
 	$(BIN)/pip install --quiet -c constraints.txt torch
-	$(BIN)/pip install --quiet -c constraints.txt -e ".[test]"
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[test,bench]"
 	touch $@
 
 setup: $(BIN)/deepregister

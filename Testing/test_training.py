@@ -25,6 +25,7 @@ yaml = pytest.importorskip("yaml")
 torch = pytest.importorskip("torch")
 
 from DeepRegisterLib.models import load_model  # noqa: E402
+from DeepRegisterLib.nets import build_network  # noqa: E402
 from DeepRegisterLib.registration import register  # noqa: E402
 from DeepRegisterLib.synthetic import make_phantom_pair  # noqa: E402
 from training import train  # noqa: E402
@@ -78,6 +79,7 @@ def small_config(source: Path, folder: Path, **training: object) -> Path:
     config["spacing_mm"] = [6.0, 6.0, 6.0]
     config["data"]["validation_pairs"] = 1
     config["training"].update({"batch_size": 2, "validate_every": 100}, **training)
+    config["training"].pop("initialize", None)  # full-size pretrained weights do not fit the small grid
     if "scales_voxels" in config.get("loss", {}):
         config["loss"]["scales_voxels"] = [0, 1, 2, 4]
     folder.mkdir(parents=True, exist_ok=True)
@@ -214,6 +216,23 @@ def _write_config(tmp_path: Path, change) -> Path:
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def test_initialize_loads_a_pretrained_global_net(tiny_data: Path, tmp_path: Path) -> None:
+    stage1 = small_config(REPO / "training" / "configs" / "mrus_global.yaml", tmp_path / "configs")
+    run_training(stage1, tiny_data, tmp_path / "stage1", "--max-steps", "3")
+    pretrained = torch.load(tmp_path / "stage1" / "best.pt", weights_only=True)["model"]
+    network = build_network("GlobalToLocal", (16, 16, 16), (6.0, 6.0, 6.0),
+                            **yaml.safe_load((REPO / "training" / "configs" / "mrus_weakly_supervised.yaml")
+                                             .read_text())["network"])
+    before = {k: v.clone() for k, v in network.local_net.state_dict().items()}
+    fresh = {k: v.clone() for k, v in network.global_net.state_dict().items()}
+    assert any(not torch.equal(fresh[k], pretrained[k]) for k in fresh)
+    train.initialize(network, {"global_net": str(tmp_path / "stage1" / "best.pt")})
+    for key, value in network.global_net.state_dict().items():
+        assert torch.equal(value, pretrained[key]), key
+    for key, value in network.local_net.state_dict().items():
+        assert torch.equal(value, before[key]), key
 
 
 def test_unknown_method_is_a_clear_error(tmp_path: Path) -> None:

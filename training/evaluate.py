@@ -19,13 +19,12 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-import torch
 
 from DeepRegisterLib.landmarks import tre
 from DeepRegisterLib.metrics import dice_per_label
 from DeepRegisterLib.registration import register
-from DeepRegisterLib.spatial import Grid, displacement_to_sitk, physical_points
-from DeepRegisterLib.synthetic import multi_frequency_field, ultrasound_like
+from DeepRegisterLib.spatial import Grid
+from DeepRegisterLib.synthetic import DeformedPair, deformed_pair
 
 from .data import pairs_from_folder, split
 from .public_volumes import fetch
@@ -60,25 +59,17 @@ def evaluate_mrus(model: str, iterations: int, data: Path, held_out: int, seed: 
             "seconds_median": float(np.median(seconds))}
 
 
-def synthetic_brain_pair(seed: int, ultrasound: bool) -> tuple[sitk.Image, sitk.Image, np.ndarray, np.ndarray]:
-    """MNI152 T1 (128^3 at 1 mm) as moving; fixed = moving through a smooth field (median ~3 mm)."""
-    t1 = sitk.ReadImage(str(fetch()[0]), sitk.sitkFloat32)
-    grid = Grid.centered(Grid.from_image(t1).center, (128, 128, 128), (1.0, 1.0, 1.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
-    moving = sitk.Resample(t1, grid.reference_image(), sitk.Transform(), sitk.sitkLinear, 0.0) / 255.0
-    rng = np.random.default_rng(seed)
-    field = multi_frequency_field(grid, 1.0, rng)
-    brain = torch.from_numpy(sitk.GetArrayFromImage(moving) > 0.3)
-    field = field * (3.0 / float(field.norm(dim=1)[0][brain].median()))  # median 3 mm inside the brain
-    transform = sitk.DisplacementFieldTransform(displacement_to_sitk(field, grid))
-    fixed = sitk.Resample(moving, moving, transform, sitk.sitkLinear, 0.0)
-    if ultrasound:
-        moving = ultrasound_like(moving, rng) / 255.0
-    array = sitk.GetArrayFromImage(fixed)
-    inside = np.argwhere(array > 0.3)
-    chosen = inside[rng.choice(len(inside), 20, replace=False)]
-    points = physical_points(grid, torch.float64).numpy()[tuple(chosen.T)]
-    mapped = np.asarray([transform.TransformPoint(tuple(p)) for p in points])
-    return fixed, moving, points, mapped
+def brain_volume(size: int = 128, spacing_mm: float = 1.0) -> tuple[sitk.Image, Grid]:
+    """The MNI152 T1 (intensities / 255, about [0, 1]) and a ``size``^3 grid around its centre."""
+    t1 = sitk.ReadImage(str(fetch()[0]), sitk.sitkFloat32) / 255.0
+    grid = Grid.centered(Grid.from_image(t1).center, (size,) * 3, (spacing_mm,) * 3, (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    return t1, grid
+
+
+def synthetic_brain_pair(seed: int, ultrasound: bool) -> DeformedPair:
+    """MNI152 T1 (128^3 at 1 mm) as moving; fixed = moving through a smooth field (median 3 mm)."""
+    volume, grid = brain_volume()
+    return deformed_pair(volume, grid, np.random.default_rng(seed), 3.0, ultrasound)
 
 
 def evaluate_generic(model: str, iterations: int, pairs: int = 4) -> dict:
@@ -86,12 +77,12 @@ def evaluate_generic(model: str, iterations: int, pairs: int = 4) -> dict:
     for name, ultrasound in (("monomodal", False), ("ultrasound-like", True)):
         errors, before, seconds, folds = [], [], [], []
         for seed in range(pairs):
-            fixed, moving, fixed_points, moving_points = synthetic_brain_pair(100 + seed, ultrasound)
+            pair = synthetic_brain_pair(100 + seed, ultrasound)
             start = time.perf_counter()
-            result = register(fixed, moving, model=model, iterations=iterations, device="cpu")
+            result = register(pair.fixed, pair.moving, model=model, iterations=iterations, device="cpu")
             seconds.append(time.perf_counter() - start)
-            before += tre(fixed_points, moving_points).tolist()
-            errors += tre(fixed_points, moving_points, result.transform).tolist()
+            before += tre(pair.fixed_points, pair.moving_points).tolist()
+            errors += tre(pair.fixed_points, pair.moving_points, result.transform).tolist()
             folds.append(result.folding_percent)
         results[name] = {"pairs": pairs, "tre_before_median_mm": float(np.median(before)),
                          "tre_median_mm": float(np.median(errors)), "seconds_median": float(np.median(seconds)),

@@ -81,6 +81,15 @@ def load_pairs(config: dict, data_override: str | None) -> tuple[list[PreparedPa
     return [prepare_pair(f, card) for f in train_files], [prepare_pair(f, card) for f in val_files]
 
 
+def initialize(network: torch.nn.Module, sources: dict[str, str]) -> None:
+    """Load pretrained weights into submodules: ``{submodule: checkpoint}`` (e.g. a GlobalNet run's
+    best.pt into ``global_net``); checkpoints are read with ``weights_only`` (no code is unpickled)."""
+    for name, checkpoint in sources.items():
+        module = network.get_submodule(name)
+        state = torch.load(_resolve(checkpoint), map_location="cpu", weights_only=True)
+        module.load_state_dict(state.get("model", state))
+
+
 def setup_distributed() -> tuple[int, int, torch.device]:
     """(rank, world size, device); initialises the process group under torchrun (gloo on CPU, nccl on GPU)."""
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
@@ -168,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     size, spacing = tuple(config["input_size"]), tuple(float(s) for s in config["spacing_mm"])
     grid = Grid.canonical(size, spacing)
     network = build_network(config["architecture"], size, spacing, **config.get("network", {})).to(device)
+    initialize(network, training.get("initialize", {}))
     groups = parameter_groups(network)
     optimizer = torch.optim.Adam([{"params": params, "name": name} for name, params in groups.items()],
                                  lr=float(training.get("lr", 1e-3)))

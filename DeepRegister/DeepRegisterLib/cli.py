@@ -226,6 +226,13 @@ def cmd_models(_: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    from .benchmark import run
+    from .benchmark_report import write_report
+
+    return run(args, write_report)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deepregister", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -267,6 +274,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--data", default=str(SAMPLE_DATA), help=argparse.SUPPRESS)
     engine_options(demo)
     demo.set_defaults(func=cmd_demo)
+
+    benchmark = commands.add_parser("benchmark", help="accuracy, seconds and memory against elastix and ANTs "
+                                                      "(pip install .[bench])")
+    from .benchmark import add_arguments
+
+    add_arguments(benchmark)
+    benchmark.set_defaults(func=cmd_benchmark)
     return parser
 
 

@@ -12,7 +12,7 @@ in ``config``; ``build_network(name, net.grid.size, net.grid.spacing, **net.conf
 
 GlobalNet, LocalNet and RegNet use convolutions with LeakyReLU and no normalisation: results do
 not depend on the batch, deep levels may shrink to one voxel, and no instance normalisation
-removes the per-channel means that GlobalNet's global average pool reads.
+removes the per-channel means and moments that GlobalNet's pooling reads.
 """
 
 from __future__ import annotations
@@ -34,9 +34,16 @@ _DILATIONS = (1, 1, 2, 3, 5)
 
 
 def _conv_block(in_channels: int, out_channels: int, stride: int = 1) -> nn.Sequential:
-    """3x3x3 convolution (zero padding, output size ceil(n / stride)) and LeakyReLU."""
-    return nn.Sequential(nn.Conv3d(in_channels, out_channels, 3, stride=stride, padding=1),
-                         nn.LeakyReLU(_NEGATIVE_SLOPE))
+    """3x3x3 convolution (zero padding, output size ceil(n / stride)) and LeakyReLU.
+
+    He (Kaiming) initialisation for LeakyReLU keeps the activation scale through the depth; with
+    PyTorch's default initialisation and no normalisation, deep features shrink to ~1 % of the
+    input scale and the heads learn far more slowly.
+    """
+    conv = nn.Conv3d(in_channels, out_channels, 3, stride=stride, padding=1)
+    nn.init.kaiming_normal_(conv.weight, a=_NEGATIVE_SLOPE, nonlinearity="leaky_relu")
+    nn.init.zeros_(conv.bias)
+    return nn.Sequential(conv, nn.LeakyReLU(_NEGATIVE_SLOPE))
 
 
 def _conv_stack(in_channels: int, channels: Sequence[int]) -> nn.Sequential:
@@ -57,21 +64,30 @@ def _displacement_head(in_channels: int) -> nn.Conv3d:
 
 
 class _AffineHead(nn.Module):
-    """Global average pool, then a linear layer to 12 values: theta (B, 3, 4) = [I | 0] + [R | t].
+    """Position-aware pooling, then a linear layer to 12 values: theta (B, 3, 4) = [I | 0] + [R | t].
 
+    Per feature channel ``f`` it pools the mean of ``f`` and of ``f * x``, ``f * y``, ``f * z``
+    (coordinates of the feature map scaled to [-1, 1] along x, y, z): the first moments keep
+    where structures are, which a plain global average pool discards, so translations can be
+    read off (as the dense layer of Hu et al.'s GlobalNet does, but for any input size).
     ``R`` is dimensionless, ``t`` (mm) is the raw value times ``translation_scale_mm``; the linear
     layer starts at zero, so theta starts exactly at the identity [I | 0].
     """
 
     def __init__(self, channels: int, translation_scale_mm: float) -> None:
         super().__init__()
-        self.linear = nn.Linear(channels, 12)
+        self.linear = nn.Linear(4 * channels, 12)
         nn.init.zeros_(self.linear.weight)
         nn.init.zeros_(self.linear.bias)
         self.translation_scale_mm = translation_scale_mm
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        raw = self.linear(features.mean(dim=(2, 3, 4))).view(-1, 3, 4)
+        depth, height, width = features.shape[2:]
+        axes = [torch.linspace(-1.0, 1.0, n, dtype=features.dtype, device=features.device) if n > 1
+                else features.new_zeros(1) for n in (width, height, depth)]
+        x, y, z = axes[0][None, None, :], axes[1][None, :, None], axes[2][:, None, None]
+        moments = [features.mean(dim=(2, 3, 4))] + [(features * c).mean(dim=(2, 3, 4)) for c in (x, y, z)]
+        raw = self.linear(torch.cat(moments, dim=1)).view(-1, 3, 4)
         scale = raw.new_tensor([1.0, 1.0, 1.0, self.translation_scale_mm])
         return torch.eye(3, 4, dtype=raw.dtype, device=raw.device) + raw * scale
 
@@ -100,7 +116,7 @@ class _RegistrationNetwork(nn.Module):
 
 
 class GlobalNet(_RegistrationNetwork):
-    """Affine registration (after Hu et al. 2018): strided conv encoder, global pool, linear -> theta.
+    """Affine registration (after Hu et al. 2018): strided conv encoder, moment pooling, linear -> theta.
 
     ``channels``: width of each level; each level halves the resolution (stride-2 conv) and adds
     one full-resolution conv. theta (B, 3, 4) = [A | t] acts on mm about the grid centre (see
@@ -263,7 +279,7 @@ class LinearDeformable(_RegistrationNetwork):
     InstanceNorm and LeakyReLU; the input pair and all five outputs are concatenated and
     re-weighted by squeeze-and-excitation. From that:
 
-    * affine branch: global pool and linear -> theta (B, 3, 4), exactly [I | 0] at init;
+    * affine branch: position-aware pooling (first moments) and linear -> theta (B, 3, 4), exactly [I | 0] at init;
     * gradient branch: ``decoder_channels`` convs (InstanceNorm, LeakyReLU), a last conv (zero
       init) and ``2 * sigmoid``: spatial gradients (B, 3, Z, Y, X) in [0, 2] (voxel spacing of
       consecutive sampling positions along x, y, z), exactly 1 at init. They are integrated by

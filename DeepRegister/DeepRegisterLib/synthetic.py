@@ -142,6 +142,57 @@ def make_phantom_pair(seed: int = 0, size: tuple[int, int, int] = (96, 96, 96), 
     return PhantomPair(fixed, moving, fixed_gland, moving_gland, fixed_points, moving_points, transform)
 
 
+@dataclass
+class DeformedPair:
+    """A volume and the same volume through a known smooth deformation, with corresponding points.
+
+    ``fixed`` = ``moving`` seen through ``transform`` (fixed -> moving points); labels, when given,
+    are integer label maps on the fixed and moving grids; points are LPS mm.
+    """
+
+    fixed: sitk.Image
+    moving: sitk.Image
+    fixed_labels: sitk.Image | None
+    moving_labels: sitk.Image | None
+    fixed_points: np.ndarray
+    moving_points: np.ndarray
+    transform: sitk.DisplacementFieldTransform
+
+
+def deformed_pair(volume: sitk.Image, grid: Grid, rng: np.random.Generator, median_mm: float = 3.0,
+                  ultrasound: bool = False, labels: sitk.Image | None = None, landmarks: int = 20,
+                  threshold: float = 0.3) -> DeformedPair:
+    """Synthetic registration pair from a real ``volume`` with intensities in [0, 1].
+
+    ``moving`` = the volume resampled on ``grid``; a :func:`multi_frequency_field` scaled to a
+    median magnitude of ``median_mm`` inside the anatomy (intensity > ``threshold``) deforms it
+    into ``fixed`` (plus 2 % Gaussian noise). With ``ultrasound``, the moving image gets an
+    ultrasound-like appearance. ``landmarks`` fixed points are drawn inside the fixed anatomy
+    and mapped through the field. Images are float32 on the [0, 255] scale.
+    """
+    reference = grid.reference_image()
+    moving = sitk.Resample(sitk.Cast(volume, sitk.sitkFloat32), reference, sitk.Transform(), sitk.sitkLinear, 0.0)
+    inside = torch.from_numpy(sitk.GetArrayFromImage(moving) > threshold)
+    field = multi_frequency_field(grid, 1.0, rng)
+    field = field * (median_mm / float(field.norm(dim=1)[0][inside].median()))
+    transform = sitk.DisplacementFieldTransform(spatial.displacement_to_sitk(field, grid))
+    fixed = sitk.Resample(moving, reference, transform, sitk.sitkLinear, 0.0)
+    fixed_labels = moving_labels = None
+    if labels is not None:
+        moving_labels = sitk.Resample(labels, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+        fixed_labels = sitk.Resample(moving_labels, reference, transform, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    array = sitk.GetArrayFromImage(fixed)
+    candidates = np.argwhere(array > threshold)
+    chosen = candidates[rng.choice(len(candidates), landmarks, replace=False)]
+    fixed_points = spatial.physical_points(grid, torch.float64).numpy()[tuple(chosen.T)]
+    moving_points = np.asarray([transform.TransformPoint(tuple(p)) for p in fixed_points])
+    noise = sitk.GetImageFromArray(rng.normal(0, 0.02, array.shape).astype(np.float32))
+    noise.CopyInformation(fixed)
+    fixed = sitk.Clamp(fixed + noise, sitk.sitkFloat32, 0.0, 1.0) * 255.0
+    moving = ultrasound_like(moving, rng) if ultrasound else moving * 255.0
+    return DeformedPair(fixed, moving, fixed_labels, moving_labels, fixed_points, moving_points, transform)
+
+
 SAMPLE_FILES = ("fixed_us.nii.gz", "moving_mr.nii.gz", "fixed_gland.nii.gz", "moving_gland.nii.gz",
                 "fixed_landmarks.fcsv", "moving_landmarks.fcsv")
 
