@@ -18,8 +18,8 @@ hits all of them alike. Each worker writes its fixed -> moving transform to a fi
 reads it back with SimpleITK and measures TRE, Dice per label and folding the same way for all.
 
 Methods: ``deepregister`` = every installed model, once without and once with its fine-tuning
-iterations ("deepregister/NAME" and "deepregister/NAME+ft"; no model installed: fine-tuning
-alone); ``elastix`` = affine + B-spline (10 mm grid, 4 levels, bending-energy penalty), Mattes
+iterations ("deepregister/NAME" and "deepregister/NAME+ft": the card's default, or 40 when the
+card sets none; no model installed: fine-tuning alone); ``elastix`` = affine + B-spline (10 mm grid, 4 levels, bending-energy penalty), Mattes
 mutual information for multimodal pairs and normalised correlation for monomodal ones;
 ``ants`` = ANTs SyN and SyNRA (Mattes mutual information). All start from the image centres
 aligned, as DeepRegister does.
@@ -46,6 +46,7 @@ from .imageio import read_image
 from .landmarks import read_landmarks, tre
 
 METHOD_GROUPS = ("deepregister", "elastix", "ants")
+DEFAULT_FINETUNE_ITERATIONS = 40  # "+ft" runs of models whose card sets no fine-tuning default
 COLUMNS = ["pair", "kind", "modality", "voxels", "method", "repeat", "status", "seconds", "peak_rss_mb",
            "landmarks", "tre_median_mm", "tre_mean_mm", "tre_p90_mm", "tre_max_mm", "dice_mean", "dice",
            "folding_percent", "error"]
@@ -118,11 +119,9 @@ def expand_methods(groups: list[str], models: list[str] | None, quick: bool) -> 
         names = models if models is not None else [card.name for card in list_models()]
         for name in names:
             card = read_card(find_model(name))
-            iterations = 5 if quick else card.finetune_iterations
+            iterations = 5 if quick else (card.finetune_iterations or DEFAULT_FINETUNE_ITERATIONS)
             methods.append(Method(f"deepregister/{name}", "deepregister", {"model": name, "iterations": 0}))
-            if iterations:
-                methods.append(Method(f"deepregister/{name}+ft", "deepregister",
-                                      {"model": name, "iterations": iterations}))
+            methods.append(Method(f"deepregister/{name}+ft", "deepregister", {"model": name, "iterations": iterations}))
         if not names:
             methods.append(Method("deepregister/finetune", "deepregister",
                                   {"model": None, "iterations": 5 if quick else 150}))
