@@ -201,6 +201,18 @@ def _run_ants(fixed_path: str, moving_path: str, options: dict, out: Path) -> tu
     return seconds, Path(composed)
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (MB): VmHWM, which starts afresh at exec (Linux keeps
+    ru_maxrss across exec, so a worker would report at least its parent's peak)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
 def worker(argv: list[str]) -> int:
     """Run one registration: TOOL OPTIONS_JSON FIXED MOVING MODALITY OUT THREADS; prints a JSON line
     with the seconds of the registration call, the process's peak RSS (MB) and the transform file."""
@@ -212,7 +224,7 @@ def worker(argv: list[str]) -> int:
         seconds, path = _run_elastix(fixed, moving, options, out, threads, modality)
     else:
         seconds, path = _run_ants(fixed, moving, options, out)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    peak = peak_rss_mb()
     print(json.dumps({"seconds": seconds, "peak_rss_mb": peak, "transform": str(path)}))
     return 0
 
