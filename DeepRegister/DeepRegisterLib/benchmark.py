@@ -277,7 +277,7 @@ def run_one(pair: BenchmarkPair, method: Method, threads: int, timeout_s: float)
         command = [sys.executable, "-m", "DeepRegisterLib.benchmark", method.tool, json.dumps(method.options),
                    str(pair.fixed), str(pair.moving), pair.modality, folder, str(threads)]
         try:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s,
+            done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, cwd=folder,
                                   env=_worker_environment(threads))
         except subprocess.TimeoutExpired:
             return {"status": "failed", "error": f"timed out after {timeout_s:.0f} s"}
