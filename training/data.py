@@ -16,9 +16,9 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from DeepRegisterLib.imageio import check_volume, read_image
+from DeepRegisterLib.imageio import center_alignment, check_volume, read_image
 from DeepRegisterLib.models import ModelCard
-from DeepRegisterLib.registration import center_alignment, model_grid, normalize_intensity, to_model_tensor
+from DeepRegisterLib.registration import model_grid, normalize_intensity, to_model_tensor
 from DeepRegisterLib.spatial import Grid
 
 FOLDERS = ("fixed_images", "moving_images", "fixed_labels", "moving_labels")

@@ -31,7 +31,6 @@ import argparse
 import csv
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -42,8 +41,9 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .imageio import read_image
+from .imageio import center_alignment, read_image
 from .landmarks import read_landmarks, tre
+from .memory import peak_memory_mb
 
 METHOD_GROUPS = ("deepregister", "elastix", "ants")
 DEFAULT_FINETUNE_ITERATIONS = 40  # "+ft" runs of models whose card sets no fine-tuning default
@@ -135,13 +135,6 @@ def expand_methods(groups: list[str], models: list[str] | None, quick: bool) -> 
 
 
 # -- worker side (runs in a fresh process) ------------------------------------------------------
-def _centre_shift(fixed: sitk.Image, moving: sitk.Image) -> list[float]:
-    """Moving centre minus fixed centre (LPS mm): the initial translation of every method."""
-    centre = lambda image: np.asarray(image.TransformContinuousIndexToPhysicalPoint(
-        [(n - 1) / 2.0 for n in image.GetSize()]))
-    return (centre(moving) - centre(fixed)).tolist()
-
-
 def _run_deepregister(fixed_path: str, moving_path: str, options: dict, out: Path, threads: int) -> tuple[float, Path]:
     import torch
 
@@ -189,7 +182,7 @@ def _run_ants(fixed_path: str, moving_path: str, options: dict, out: Path) -> tu
 
     fixed, moving = ants.image_read(fixed_path), ants.image_read(moving_path)
     initial = sitk.AffineTransform(3)
-    initial.SetTranslation(_centre_shift(read_image(fixed_path), read_image(moving_path)))
+    initial.SetTranslation(center_alignment(read_image(fixed_path), read_image(moving_path)).GetOffset())
     sitk.WriteTransform(initial, str(out / "centres.mat"))
     extra = {"reg_iterations": (4, 2, 0), "aff_iterations": (20, 10, 0, 0)} if options["quick"] else {}
     start = time.perf_counter()
@@ -199,18 +192,6 @@ def _run_ants(fixed_path: str, moving_path: str, options: dict, out: Path) -> tu
     composed = ants.apply_transforms(fixed, moving, transformlist=result["fwdtransforms"],
                                      compose=str(out / "composed_"))
     return seconds, Path(composed)
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory (MB): VmHWM, which starts afresh at exec (Linux keeps
-    ru_maxrss across exec, so a worker would report at least its parent's peak)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def worker(argv: list[str]) -> int:
@@ -224,7 +205,7 @@ def worker(argv: list[str]) -> int:
         seconds, path = _run_elastix(fixed, moving, options, out, threads, modality)
     else:
         seconds, path = _run_ants(fixed, moving, options, out)
-    peak = peak_rss_mb()
+    peak = peak_memory_mb()
     print(json.dumps({"seconds": seconds, "peak_rss_mb": peak, "transform": str(path)}))
     return 0
 
@@ -267,8 +248,8 @@ def measure(pair: BenchmarkPair, transform: sitk.Transform) -> dict:
 
 def initial_row(pair: BenchmarkPair) -> dict:
     """The "centres aligned" reference row: every method's starting point."""
-    shift = _centre_shift(sitk.ReadImage(str(pair.fixed)), sitk.ReadImage(str(pair.moving)))
-    return {"status": "ok", "seconds": 0.0, **measure(pair, sitk.TranslationTransform(3, shift))}
+    shift = center_alignment(sitk.ReadImage(str(pair.fixed)), sitk.ReadImage(str(pair.moving)))
+    return {"status": "ok", "seconds": 0.0, **measure(pair, shift)}
 
 
 def run_one(pair: BenchmarkPair, method: Method, threads: int, timeout_s: float) -> dict:
@@ -332,8 +313,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="a few iterations per method: smoke tests only")
 
 
-def run(args: argparse.Namespace, write_report) -> int:
+def run(args: argparse.Namespace) -> int:
     """Run the benchmark described by parsed arguments and write CSV, Markdown and plots to ``--out``."""
+    from .benchmark_report import write_report  # matplotlib: not needed in the workers
+
     try:
         pairs = read_pairs(args.pairs)
         methods = expand_methods([m.strip() for m in args.methods.split(",") if m.strip()],

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import SimpleITK as sitk
 
-from .imageio import InputError, read_image
+from .imageio import InputError, center_alignment, read_image
 from .landmarks import LandmarkError, Landmarks, check_pairs, read_landmarks, tre, tre_summary
+from .memory import peak_memory_mb
 from .models import ModelError, list_models
 
 SAMPLE_DATA = Path(__file__).resolve().parents[2] / "Resources" / "SampleData"
@@ -45,16 +46,6 @@ class ProgressBar:
         if stage == "output" and fraction >= 1:
             sys.stderr.write("\n")
         sys.stderr.flush()
-
-
-def peak_memory_mb() -> float | None:
-    """Peak resident memory of this process in MB (None where the OS does not say, e.g. Windows)."""
-    try:
-        import resource
-    except ImportError:
-        return None
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return round(peak / (1024.0 ** 2 if sys.platform == "darwin" else 1024.0), 1)
 
 
 def _prepare_out(out: Path, overwrite: bool) -> tuple[Path, list[Path]]:
@@ -95,7 +86,7 @@ def run_registration(fixed_path: str, moving_path: str, out: Path, model: str | 
                      align_centers: bool = True, progress: ProgressBar | None = None) -> dict:
     """Register two image files and write transform.h5, warped.nii.gz, saliency.nii.gz, report.json
     and report.png to ``out``; returns the report."""
-    from .registration import center_alignment, register
+    from .registration import register
     from .report import write_report_png
 
     pair = _read_landmark_pair(*landmarks)
@@ -228,9 +219,8 @@ def cmd_models(_: argparse.Namespace) -> int:
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
     from .benchmark import run
-    from .benchmark_report import write_report
 
-    return run(args, write_report)
+    return run(args)
 
 
 def build_parser() -> argparse.ArgumentParser:

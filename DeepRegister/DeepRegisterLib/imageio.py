@@ -68,6 +68,17 @@ def check_volume(image: sitk.Image, role: str) -> sitk.Image:
     return sitk.Cast(image, sitk.sitkFloat32)
 
 
+def image_center(image: sitk.Image) -> np.ndarray:
+    """Physical position (mm, LPS) of the image's centre (the centre of its voxel-centre box)."""
+    index_to_physical = np.reshape(image.GetDirection(), (3, 3)) * np.asarray(image.GetSpacing())
+    return np.asarray(image.GetOrigin()) + index_to_physical @ ((np.asarray(image.GetSize()) - 1) / 2.0)
+
+
+def center_alignment(fixed: sitk.Image, moving: sitk.Image) -> sitk.TranslationTransform:
+    """The fixed->moving translation that makes the two image centres coincide (mm, LPS)."""
+    return sitk.TranslationTransform(3, (image_center(moving) - image_center(fixed)).tolist())
+
+
 def physical_box(image: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
     """Axis-aligned physical bounding box (min, max corners, mm) of the image's voxel centres."""
     size = np.asarray(image.GetSize()) - 1

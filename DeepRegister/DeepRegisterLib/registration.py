@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from . import spatial
-from .imageio import InputError, check_volume, physical_box
+from .imageio import InputError, center_alignment, check_volume, physical_box
 from .losses import bending_energy, lncc_loss, mutual_information_loss
 from .models import ModelCard, load_model
 from .saliency import gaussian_smooth, joint_saliency
@@ -75,11 +75,6 @@ def instance_card() -> ModelCard:
     """The settings used when no trained model is given (fine-tuning from the identity)."""
     return ModelCard(name="none", description="No network: fine-tuning on the pair from the identity.",
                      architecture="", config={}, input_size=[INSTANCE_GRID_VOXELS] * 3, spacing_mm=[0.0] * 3)
-
-
-def center_alignment(fixed: sitk.Image, moving: sitk.Image) -> sitk.TranslationTransform:
-    """The fixed->moving translation that makes the two image centres coincide (mm, LPS)."""
-    return sitk.TranslationTransform(3, (Grid.from_image(moving).center - Grid.from_image(fixed).center).tolist())
 
 
 def model_grid(fixed: sitk.Image, card: ModelCard) -> Grid:
