@@ -530,7 +530,9 @@ class DeepRegisterLogic(ScriptedLoadableModuleLogic):
         if isNew:
             models = self.availableModels()
             if models:  # a trained model, when one is installed, beats fine-tuning alone
-                parameterNode.model = models[0].name
+                from DeepRegisterLib.models import default_model
+
+                parameterNode.model = default_model(models)
         return parameterNode
 
     @property

@@ -23,7 +23,7 @@ import torch
 from DeepRegisterLib import cli, registration
 from DeepRegisterLib.imageio import check_volume
 from DeepRegisterLib.landmarks import Landmarks, write_csv, write_fcsv, write_mrk_json
-from DeepRegisterLib.models import CARD_FILE, WEIGHTS_FILE, ModelCard, save_model
+from DeepRegisterLib.models import CARD_FILE, DEFAULT_MODEL, WEIGHTS_FILE, ModelCard, default_model, save_model
 from DeepRegisterLib.nets import GlobalNet, GlobalToLocal
 from DeepRegisterLib.synthetic import PhantomPair, make_phantom_pair
 
@@ -570,6 +570,22 @@ def test_models_lists_installed_models(models: dict[str, Path], capsys: pytest.C
     assert cli.main(["models"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert any(line.split()[0] == MODEL_NAME and MODEL_DESCRIPTION in line for line in lines if line.strip()), lines
+
+
+def test_default_model_is_mrus_when_installed_else_the_first() -> None:
+    generic, mrus = tiny_card("GlobalNet", {}, "generic"), tiny_card("GlobalNet", {}, DEFAULT_MODEL)
+    assert DEFAULT_MODEL == "mrus"
+    assert default_model([generic, mrus]) == "mrus"
+    assert default_model([generic]) == "generic"
+    assert default_model([]) == ""
+
+
+def test_models_marks_the_shipped_default(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DEEPREGISTER_MODEL_PATH", raising=False)
+    capsys.readouterr()
+    assert cli.main(["models"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert [line.split()[0] for line in lines if line.endswith("(default)")] == ["mrus"], lines
 
 
 def test_models_without_installed_models_prints_a_hint(tmp_path: Path, capsys: pytest.CaptureFixture[str],

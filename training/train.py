@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -42,6 +43,11 @@ def load_config(path: str | Path) -> dict:
             raise ValueError(f"Config {path} lacks '{key}'.")
     if config["method"] not in objectives.METHODS:
         raise ValueError(f"Config {path}: unknown method '{config['method']}'; use one of {', '.join(objectives.METHODS)}.")
+    schedule = config["training"].get("schedule", "plateau")
+    if schedule not in ("plateau", "cosine"):
+        raise ValueError(f"Config {path}: unknown schedule '{schedule}'; use plateau or cosine.")
+    if schedule == "plateau" and any("lr_scale" in phase for phase in config["training"].get("phases", [])):
+        raise ValueError(f"Config {path}: a phase's lr_scale needs 'schedule: cosine'.")
     return config
 
 
@@ -115,6 +121,17 @@ def trained_groups(config: dict, step: int, groups: list[str]) -> set[str]:
         if step < int(phase["until"]):
             return set(groups) if "all" in phase["train"] else set(phase["train"]) & set(groups)
     return set(groups)
+
+
+def learning_rate(training: dict, step: int, steps: int) -> float:
+    """The learning rate at ``step`` under ``schedule: cosine``: ``lr`` x the phase's ``lr_scale`` x
+    a cosine decay from 1 at step 0 to 0 at ``steps``; a pure function of the step, so resuming is exact."""
+    scale = 1.0
+    for phase in training.get("phases", []):
+        if step < int(phase["until"]):
+            scale = float(phase.get("lr_scale", 1.0))
+            break
+    return float(training.get("lr", 1e-3)) * scale * 0.5 * (1.0 + math.cos(math.pi * step / steps))
 
 
 @torch.no_grad()
@@ -201,7 +218,11 @@ def main(argv: list[str] | None = None) -> int:
         restart_logs([log_path, val_path], ["step,loss,seconds", "step,tre_median_mm,dice_median,folding_percent"],
                      start)
     begin = time.perf_counter()
+    cosine = training.get("schedule", "plateau") == "cosine"
     for step in range(start, steps):
+        if cosine:
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(training, step, steps)
         batch = objective.batch(train_pairs, int(training.get("batch_size", 4)), rng)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             loss = objective.loss(model, batch)
@@ -213,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
                 for parameter in params:
                     parameter.grad = None  # Adam leaves parameters without gradients untouched
         optimizer.step()
-        plateau.step(mean_over_ranks(loss.detach(), world))
+        if not cosine:
+            plateau.step(mean_over_ranks(loss.detach(), world))
         if rank == 0:
             with log_path.open("a") as handle:
                 handle.write(f"{step + 1},{float(loss.detach()):.6f},{time.perf_counter() - begin:.2f}\n")

@@ -20,7 +20,7 @@ import SimpleITK as sitk
 from .imageio import InputError, center_alignment, read_image
 from .landmarks import LandmarkError, Landmarks, check_pairs, read_landmarks, tre, tre_summary
 from .memory import peak_memory_mb
-from .models import ModelError, list_models
+from .models import ModelError, default_model, list_models
 
 SAMPLE_DATA = Path(__file__).resolve().parents[2] / "Resources" / "SampleData"
 
@@ -212,8 +212,10 @@ def cmd_models(_: argparse.Namespace) -> int:
     cards = list_models()
     if not cards:
         print("No trained models installed. `deepregister register` without --model fine-tunes on the pair alone.")
+    default = default_model(cards)
     for card in cards:
-        print(f"{card.name:<12} {card.description}")
+        mark = " (default)" if card.name == default else ""
+        print(f"{card.name:<12} {card.description}{mark}")
     return 0
 
 

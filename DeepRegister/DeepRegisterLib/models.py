@@ -17,6 +17,7 @@ import torch
 
 CARD_FILE = "model.json"
 WEIGHTS_FILE = "model.safetensors"
+DEFAULT_MODEL = "mrus"  # the default for MR to TRUS, the product's main use
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
 
@@ -75,6 +76,13 @@ def read_card(folder: Path) -> ModelCard:
     if len(card.input_size) != 3 or len(card.spacing_mm) != 3 or min(card.input_size) < 8:
         raise ModelError(f"Model card {path}: input_size and spacing_mm need 3 values each (x, y, z).")
     return card
+
+
+def default_model(cards: list[ModelCard]) -> str:
+    """The model a new registration starts with: ``mrus`` (MR to TRUS, the product's main use)
+    when installed, else the first installed model, else "" (fine-tuning on the pair alone)."""
+    names = [card.name for card in cards]
+    return DEFAULT_MODEL if DEFAULT_MODEL in names else (names[0] if names else "")
 
 
 def list_models() -> list[ModelCard]:
