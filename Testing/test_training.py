@@ -255,3 +255,21 @@ def test_ddp_with_reduce_on_plateau_stays_in_sync(tiny_data: Path, tmp_path: Pat
     config = small_config(REPO / "training" / "configs" / "linear_deformable.yaml", tmp_path / "configs",
                           batch_size=1, plateau_patience=0, plateau_factor=0.5)
     run_two_processes(config, tiny_data, tmp_path / "run", steps=8)
+
+
+def test_cosine_schedule_scales_by_phase_and_decays_to_zero() -> None:
+    training = {"lr": 1e-3, "schedule": "cosine", "phases": [{"until": 10, "train": ["local_net"], "lr_scale": 0.1},
+                                                              {"until": 100, "train": ["all"]}]}
+    assert train.learning_rate(training, 0, 100) == pytest.approx(1e-4)
+    assert train.learning_rate(training, 10, 100) == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 0.1)))
+    assert train.learning_rate(training, 50, 100) == pytest.approx(5e-4)
+    assert train.learning_rate(training, 100, 100) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_schedule_errors_are_clear(tmp_path: Path) -> None:
+    path = _write_config(tmp_path, lambda c: c["training"].update(schedule="linear"))
+    with pytest.raises(ValueError, match="unknown schedule 'linear'"):
+        train.load_config(path)
+    path = _write_config(tmp_path, lambda c: c["training"].update(phases=[{"until": 5, "train": ["all"], "lr_scale": 0.5}]))
+    with pytest.raises(ValueError, match="lr_scale needs 'schedule: cosine'"):
+        train.load_config(path)
