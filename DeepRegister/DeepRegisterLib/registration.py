@@ -31,7 +31,7 @@ from .spatial import Grid
 ProgressCallback = Callable[[str, float], "bool | None"]
 
 DEFAULT_ITERATIONS_WITHOUT_MODEL = 150
-INSTANCE_GRID_VOXELS = 96  # longest side of the grid used when no model is given
+FINETUNE_GRID_VOXELS = 96  # longest side of the fine-tuning grid (fitted to the fixed image)
 SAMPLES_PER_ITERATION = 16384
 BENDING_WEIGHT = 5.0
 MATRIX_LR, TRANSLATION_LR, FIELD_LR = 5e-4, 0.1, 0.05  # Adam steps: unitless, mm, mm
@@ -74,7 +74,14 @@ def resolve_device(device: str) -> torch.device:
 def instance_card() -> ModelCard:
     """The settings used when no trained model is given (fine-tuning from the identity)."""
     return ModelCard(name="none", description="No network: fine-tuning on the pair from the identity.",
-                     architecture="", config={}, input_size=[INSTANCE_GRID_VOXELS] * 3, spacing_mm=[0.0] * 3)
+                     architecture="", config={}, input_size=[FINETUNE_GRID_VOXELS] * 3, spacing_mm=[0.0] * 3)
+
+
+def finetune_grid(fixed: sitk.Image) -> Grid:
+    """The grid of fine-tuning and of the saliency map: the fixed image's extent and direction,
+    isotropic, at most FINETUNE_GRID_VOXELS along its longest side and never finer than the
+    fixed image (a model's grid is often coarser and may cover only part of the image)."""
+    return model_grid(fixed, instance_card())
 
 
 def model_grid(fixed: sitk.Image, card: ModelCard) -> Grid:
@@ -304,6 +311,7 @@ def _register(fixed: sitk.Image, moving: sitk.Image, model: str | None, device: 
         iterations = card.finetune_iterations if iterations is None else iterations
     metric = metric or card.finetune_metric
     grid = model_grid(fixed, card)
+    tune_grid = finetune_grid(fixed)
     fixed_grid = Grid.from_image(fixed)
     shift = center_alignment(fixed, moving) if align_centers else sitk.TranslationTransform(3)
     center_shift = np.asarray(shift.GetOffset())
@@ -313,48 +321,49 @@ def _register(fixed: sitk.Image, moving: sitk.Image, model: str | None, device: 
         if np.any(high_f < low_m) or np.any(high_m < low_f):
             raise InputError("The fixed and moving volumes do not overlap in physical space. Check their "
                              "origins and directions, or let DeepRegister align their centres.")
-    fixed_t = to_model_tensor(fixed, grid, sitk.Transform(), normalize_intensity(fixed, card.intensity_percentiles),
-                              device)
-    moving_t = to_model_tensor(moving, grid, shift, normalize_intensity(moving, card.intensity_percentiles), device)
+    fixed_window = normalize_intensity(fixed, card.intensity_percentiles)
+    moving_window = normalize_intensity(moving, card.intensity_percentiles)
+    fixed_tune = to_model_tensor(fixed, tune_grid, sitk.Transform(), fixed_window, device)
+    moving_tune = to_model_tensor(moving, tune_grid, shift, moving_window, device)
     timings["preprocess"] = time.perf_counter() - start
 
     start = time.perf_counter()
     _report(progress, "network", 0.0)
-    initial = torch.zeros(1, 3, *grid.shape, device=device)
+    initial = torch.zeros(1, 3, *tune_grid.shape, device=device)
     if network is not None:
+        fixed_t = to_model_tensor(fixed, grid, sitk.Transform(), fixed_window, device)
+        moving_t = to_model_tensor(moving, grid, shift, moving_window, device)
         with torch.no_grad():
             canonical = network(fixed_t, moving_t)["displacement"]
         direction = torch.as_tensor(np.reshape(grid.direction, (3, 3)), dtype=canonical.dtype, device=device)
-        initial = torch.einsum("ij,bjzyx->bizyx", direction, canonical)
+        initial = spatial.resample_field(torch.einsum("ij,bjzyx->bizyx", direction, canonical), grid, tune_grid)
     timings["network"] = time.perf_counter() - start
 
     start = time.perf_counter()
     deformation = None
     if iterations > 0:
-        deformation = fine_tune(fixed_t, moving_t, initial, grid, iterations, metric, card.saliency_sigma_mm,
-                                progress)
+        deformation = fine_tune(fixed_tune, moving_tune, initial, tune_grid, iterations, metric,
+                                card.saliency_sigma_mm, progress)
     timings["finetune"] = time.perf_counter() - start
 
     start = time.perf_counter()
     _report(progress, "output", 0.0)
     with torch.no_grad():
-        model_points = spatial.physical_points(grid, device=device)
-        model_field = initial
+        tune_points = spatial.physical_points(tune_grid, device=device)
+        tune_field = initial
         if deformation is not None:
-            model_field = initial + deformation.displacement(model_points.view(-1, 3)).T.reshape(1, 3, *grid.shape)
-        warped_model = spatial.sample(moving_t, (model_points + model_field[0].permute(1, 2, 3, 0))[None], grid)
-        saliency_model = joint_saliency(fixed_t, warped_model, grid.spacing, card.saliency_sigma_mm)
+            tune_field = initial + deformation.displacement(tune_points.view(-1, 3)).T.reshape(1, 3, *tune_grid.shape)
+        warped_tune = spatial.sample(moving_tune, (tune_points + tune_field[0].permute(1, 2, 3, 0))[None], tune_grid)
+        saliency_tune = joint_saliency(fixed_tune, warped_tune, tune_grid.spacing, card.saliency_sigma_mm)
 
         fixed_points = spatial.physical_points(fixed_grid, device=device)
-        full = spatial.resample_field(initial, grid, fixed_grid)
-        if deformation is not None:
-            full = full + deformation.displacement(fixed_points.view(-1, 3)).T.reshape(1, 3, *fixed_grid.shape)
+        full = spatial.resample_field(tune_field, tune_grid, fixed_grid)
         full = full + torch.as_tensor(center_shift, dtype=full.dtype, device=device).view(1, 3, 1, 1, 1)
         _check_overlap(fixed_points, full, moving)
         folding = spatial.folding_percent(full, fixed_grid)
         transform = sitk.DisplacementFieldTransform(spatial.displacement_to_sitk(full.cpu(), fixed_grid))
     warped = sitk.Resample(moving, fixed, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-    saliency = sitk.Resample(grid.place(sitk.GetImageFromArray(saliency_model[0, 0].cpu().numpy())), fixed,
+    saliency = sitk.Resample(tune_grid.place(sitk.GetImageFromArray(saliency_tune[0, 0].cpu().numpy())), fixed,
                              sitk.Transform(), sitk.sitkLinear, 0.0)
     saliency = sitk.Clamp(saliency, sitk.sitkFloat32, 0.0, 1.0)
     timings["output"] = time.perf_counter() - start
