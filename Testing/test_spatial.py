@@ -193,3 +193,17 @@ def test_spatial_transformer_gradients_flow() -> None:
     displacement = torch.zeros(1, 3, *FIXED.shape, requires_grad=True)
     transformer(image, displacement + 0.3).sum().backward()
     assert displacement.grad is not None and displacement.grad.abs().sum() > 0
+
+
+def test_random_smooth_field_is_bounded_and_smooth_on_a_large_grid() -> None:
+    """RegNet-style fields: largest magnitude = max_mm, smooth at the blur scale (blurred on a coarse grid)."""
+    from DeepRegisterLib.synthetic import multi_frequency_field, random_smooth_field
+
+    grid = Grid.centered((5.0, -3.0, 2.0), (96, 80, 64), (2.0, 2.0, 2.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    field = random_smooth_field(grid, 8.0, 12.0, 40, np.random.default_rng(3))
+    assert field.shape == (1, 3, 64, 80, 96)
+    assert float(field.norm(dim=1).max()) == pytest.approx(8.0, rel=1e-5)
+    step = max(float((field[..., 1:] - field[..., :-1]).abs().max()), float((field[:, :, 1:] - field[:, :, :-1]).abs().max()))
+    assert step < 8.0 * 2.0 / 12.0  # no jump larger than max / sigma per 2 mm voxel
+    combined = multi_frequency_field(grid, 5.0, np.random.default_rng(4))
+    assert float(combined.norm(dim=1).max()) == pytest.approx(5.0, rel=1e-5)

@@ -20,11 +20,21 @@ from .spatial import Grid
 def random_smooth_field(grid: Grid, max_mm: float, sigma_mm: float, peaks: int,
                         rng: np.random.Generator) -> torch.Tensor:
     """RegNet-style random field: random displacement peaks blurred by a Gaussian of ``sigma_mm``,
-    scaled so the largest displacement magnitude is ``max_mm``. Returns (1, 3, Z, Y, X) mm."""
-    field = torch.zeros(1, 3, *grid.shape)
-    z, y, x = (rng.integers(0, n, peaks) for n in grid.shape)
+    scaled so the largest displacement magnitude is ``max_mm``. Returns (1, 3, Z, Y, X) mm.
+
+    The peaks are blurred on a grid of spacing ``sigma_mm / 4`` (or ``grid``'s, if finer) over the
+    same extent and resampled trilinearly: the field is smooth at that scale, and a blur of
+    hundreds of taps on a large grid would need gigabytes."""
+    step = max(sigma_mm / 4.0, min(grid.spacing))
+    extent = (np.asarray(grid.size) - 1) * np.asarray(grid.spacing)
+    coarse = Grid.centered(grid.center, tuple(int(np.ceil(e / step)) + 1 for e in extent), (step,) * 3,
+                           grid.direction)
+    field = torch.zeros(1, 3, *coarse.shape)
+    z, y, x = (rng.integers(0, n, peaks) for n in coarse.shape)
     field[0, :, z, y, x] = torch.as_tensor(rng.uniform(-1.0, 1.0, (3, peaks)), dtype=torch.float32)
-    field = gaussian_smooth(field, sigma_mm, grid.spacing)
+    field = gaussian_smooth(field, sigma_mm, coarse.spacing)
+    if coarse.shape != grid.shape:
+        field = spatial.resample_field(field, coarse, grid)
     magnitude = field.norm(dim=1).max()
     return field * (max_mm / magnitude) if magnitude > 0 else field
 
