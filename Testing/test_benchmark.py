@@ -91,10 +91,13 @@ def test_reference_row_matches_an_independent_computation(benchmark_run: tuple[P
         rows = [r for r in csv.DictReader(handle) if r["pair"] == pair["name"]]
     reference = [r for r in rows if r["method"] == "centres aligned"][0]
     assert float(reference["tre_median_mm"]) == pytest.approx(expected, abs=1e-3)
-    # The classical methods' fields, written by their own processes and read back here, register.
-    for method in ("elastix", "ants/SyN"):
+    # The classical methods' fields, written by their own processes and read back here, register
+    # (a field read in the wrong direction or on the wrong grid would end above the start). SyN with
+    # mutual information is weak on ultrasound-like pairs (3.9 -> 3.1-3.5 mm here with its quick
+    # settings; see ../shared/notes/baselines.md), hence its looser bound.
+    for method, bound in (("elastix", 0.8), ("ants/SyN", 0.95)):
         row = [r for r in rows if r["method"] == method][0]
-        assert float(row["tre_median_mm"]) < 0.8 * expected, (method, row["tre_median_mm"], expected)
+        assert float(row["tre_median_mm"]) < bound * expected, (method, row["tre_median_mm"], expected)
 
 
 def test_bad_pairs_file_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
