@@ -109,3 +109,17 @@ def test_bad_pairs_file_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureF
     path.write_text("name,kind,modality,fixed,moving\nx,k,multi,missing.nii.gz,missing.nii.gz\n")
     assert main(["benchmark", "--pairs", str(path), "--methods", "elastix,foo"]) == 2
     assert "do not exist" in capsys.readouterr().err
+
+
+def test_relative_pairs_csv_gives_absolute_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Workers run in their own temporary folder, so pair files must not stay relative to the caller's."""
+    from DeepRegisterLib.benchmark import read_pairs
+
+    (tmp_path / "pairs" / "a").mkdir(parents=True)
+    for name in ("fixed.nii.gz", "moving.nii.gz"):
+        (tmp_path / "pairs" / "a" / name).write_bytes(b"")
+    (tmp_path / "pairs" / "pairs.csv").write_text("name,kind,modality,fixed,moving\na,k,mono,a/fixed.nii.gz,a/moving.nii.gz\n")
+    monkeypatch.chdir(tmp_path)
+    [pair] = read_pairs("pairs/pairs.csv")
+    assert pair.fixed.is_absolute() and pair.fixed == tmp_path / "pairs" / "a" / "fixed.nii.gz"
+    assert pair.moving.is_absolute() and pair.fixed_landmarks is None

@@ -80,8 +80,9 @@ class Method:
 
 
 def read_pairs(path: str | Path) -> list[BenchmarkPair]:
-    """Pairs from a benchmark CSV; raises ValueError naming what is missing."""
-    path = Path(path)
+    """Pairs from a benchmark CSV (file paths made absolute: workers run in their own folder);
+    raises ValueError naming what is missing."""
+    path = Path(path).resolve()
     with path.open(newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
     required = {"name", "kind", "modality", "fixed", "moving"}
