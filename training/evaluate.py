@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+import torch
 
 from DeepRegisterLib.landmarks import tre
 from DeepRegisterLib.metrics import dice_per_label
@@ -26,20 +27,17 @@ from DeepRegisterLib.registration import register
 from DeepRegisterLib.spatial import Grid
 from DeepRegisterLib.synthetic import DeformedPair, deformed_pair
 
-from .data import pairs_from_folder, split
+from .data import label_centroids, pairs_from_folder, split
 from .public_volumes import fetch
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def centroids(labels: sitk.Image) -> np.ndarray:
-    """Physical centroids (C - 1, 3) of the landmark channels 1.. of a 4D label image (LPS mm)."""
-    result = []
-    for channel in range(1, labels.GetSize()[3]):
-        volume = labels[:, :, :, channel]
-        index = np.argwhere(sitk.GetArrayFromImage(volume) > 0.5)[:, ::-1].mean(axis=0)
-        result.append(volume.TransformContinuousIndexToPhysicalPoint(index.tolist()))
-    return np.asarray(result)
+    """Physical centroids (C - 1, 3) of the landmark channels 1.. of a 4D label image (LPS mm),
+    each channel thresholded at 0.5 (:func:`training.data.label_centroids` on the image's grid)."""
+    masks = torch.from_numpy(sitk.GetArrayFromImage(labels)[1:] > 0.5).float()
+    return label_centroids(masks, Grid.from_image(labels[:, :, :, 0])).double().numpy()
 
 
 def evaluate_mrus(model: str, iterations: int, data: Path, held_out: int, seed: int) -> dict:
