@@ -16,6 +16,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
+import matplotlib.ticker  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -173,21 +174,26 @@ def plot_scaling(rows: list[dict], path: Path) -> None:
     """Seconds and peak memory against the number of fixed voxels, over the ``size-*`` pairs."""
     pairs = per_pair(rows)
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    sizes: set[int] = set()
     for method in [m for m in _methods(rows) if m != REFERENCE]:
         runs = sorted((r for (p, m), r in pairs.items() if m == method and r["kind"].startswith("size-")),
                       key=lambda r: r["voxels"])
         if not runs:
             continue
         voxels = [r["voxels"] for r in runs]
+        sizes.update(voxels)
         left.plot(voxels, [r["seconds"] for r in runs], "o-", label=method)
         right.plot(voxels, [r["peak_rss_mb"] for r in runs], "o-", label=method)
     for axis, label in ((left, "seconds per pair"), (right, "peak RSS (MB)")):
         axis.set_xscale("log")
         axis.set_yscale("log")
+        axis.set_xticks(sorted(sizes), [f"{v:,}\n({round(v ** (1 / 3))}^3)" for v in sorted(sizes)])
+        axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         axis.set_xlabel("fixed image voxels")
         axis.set_ylabel(label)
         axis.grid(which="both", alpha=0.3)
-    left.legend(fontsize=7)
+    if sizes:
+        left.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
