@@ -1,6 +1,7 @@
 """Write the benchmark pairs and their pairs.csv (fixed seeds: the same files on every machine).
 
     python Testing/Performance/make_benchmark_pairs.py --out benchmark-pairs [--mrus-pairs 16]
+        [--brain-pairs 3] [--no-sizes]      # e.g. mrus only: --brain-pairs 0 --no-sizes
     deepregister benchmark --pairs benchmark-pairs/pairs.csv --out benchmark-output
 
 Kinds of pairs:
@@ -88,10 +89,10 @@ def synthetic_rows(volume: sitk.Image, labels: sitk.Image, out: Path, specs: lis
     return rows
 
 
-def default_specs(brain_pairs: int) -> list[tuple[str, int, float, bool, int]]:
+def default_specs(brain_pairs: int, sizes: bool = True) -> list[tuple[str, int, float, bool, int]]:
     specs = [("brain-mono-128", 128, 1.0, False, 300 + i) for i in range(brain_pairs)]
     specs += [("brain-us-128", 128, 1.0, True, 400 + i) for i in range(brain_pairs)]
-    specs += [(f"size-{n}", n, 192.0 / n, True, 500) for n in (64, 128, 192)]
+    specs += [(f"size-{n}", n, 192.0 / n, True, 500) for n in (64, 128, 192)] if sizes else []
     return specs
 
 
@@ -110,10 +111,12 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "mrus_sim")
     parser.add_argument("--mrus-pairs", type=int, default=16, help="held-out mrus_sim pairs (at most 16)")
     parser.add_argument("--brain-pairs", type=int, default=3, help="pairs per synthetic brain kind")
+    parser.add_argument("--no-sizes", action="store_true", help="leave out the size-64/128/192 pairs")
     args = parser.parse_args()
     t1, gm, wm = (sitk.ReadImage(str(path), sitk.sitkFloat32) for path in fetch())
     rows = mrus_rows(args.data, args.out, args.mrus_pairs)
-    rows += synthetic_rows(t1 / 255.0, brain_labels(gm, wm), args.out, default_specs(args.brain_pairs))
+    rows += synthetic_rows(t1 / 255.0, brain_labels(gm, wm), args.out,
+                           default_specs(args.brain_pairs, sizes=not args.no_sizes))
     print(write_pairs_csv(rows, args.out))
 
 
