@@ -60,19 +60,30 @@ def multiscale_dice(fixed: torch.Tensor, warped: torch.Tensor, scales_voxels: li
     return sum(losses) / len(losses)
 
 
+def centroid_errors(fixed_labels: torch.Tensor, moving_labels: torch.Tensor, displacement: torch.Tensor,
+                    grid: Grid) -> torch.Tensor:
+    """Per label, the distance (mm) between the moving label's centroid and the fixed label's
+    centroid mapped by ``displacement``: labels (B, C, Z, Y, X), displacement (B, 3, Z, Y, X) mm
+    -> (B, C); NaN where a label is empty on either side (no gradient flows from those)."""
+    fixed_centres = torch.stack([label_centroids(labels, grid) for labels in fixed_labels])
+    moving_centres = torch.stack([label_centroids(labels, grid) for labels in moving_labels])
+    points = fixed_centres.nan_to_num().view(fixed_centres.shape[0], -1, 1, 1, 3)
+    mapped = fixed_centres + sample(displacement, points, grid, padding_mode="border")[:, :, :, 0, 0].transpose(1, 2)
+    difference = mapped - moving_centres
+    valid = difference.isfinite().all(dim=2)
+    distances = difference.where(valid[..., None], torch.zeros_like(difference)).norm(dim=2)
+    return distances.where(valid, torch.full_like(distances, float("nan")))
+
+
 def centroid_distance(fixed_label: torch.Tensor, moving_label: torch.Tensor, displacement: torch.Tensor,
                       grid: Grid) -> torch.Tensor:
-    """Mean distance (mm) between the moving label centroid and the fixed label centroid mapped by
-    ``displacement`` (labels (B, 1, Z, Y, X), displacement (B, 3, Z, Y, X) mm); labels empty on
-    either side are skipped. The landmark TRE of validation, as a loss."""
-    fixed_centres = torch.cat([label_centroids(label, grid) for label in fixed_label])
-    moving_centres = torch.cat([label_centroids(label, grid) for label in moving_label])
-    mapped = fixed_centres + sample(displacement, fixed_centres.nan_to_num().view(-1, 1, 1, 1, 3), grid,
-                                    padding_mode="border")[:, :, 0, 0, 0]
-    valid = fixed_centres.isfinite().all(dim=1) & moving_centres.isfinite().all(dim=1)
+    """Mean :func:`centroid_errors` over the batch (labels (B, 1, Z, Y, X)); labels empty on either
+    side are skipped. The landmark TRE of validation, as a loss."""
+    errors = centroid_errors(fixed_label, moving_label, displacement, grid)
+    valid = errors.isfinite()
     if not valid.any():
         return displacement.new_zeros(())
-    return (mapped[valid] - moving_centres[valid]).norm(dim=1).mean()
+    return errors[valid].mean()
 
 
 class Objective:

@@ -26,10 +26,10 @@ import yaml
 from DeepRegisterLib.cli import ProgressBar
 from DeepRegisterLib.models import ModelCard, save_model
 from DeepRegisterLib.nets import build_network
-from DeepRegisterLib.spatial import Grid, folding_percent, sample, warp
+from DeepRegisterLib.spatial import Grid, folding_percent, warp
 
 from . import objectives
-from .data import PairFiles, PreparedPair, label_centroids, pairs_from_csv, pairs_from_folder, prepare_pair, split
+from .data import PairFiles, PreparedPair, pairs_from_csv, pairs_from_folder, prepare_pair, split
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -159,11 +159,9 @@ def validate(network: torch.nn.Module, pairs: list[PreparedPair], grid: Grid, de
         warped = warp(pair.moving_labels[None], displacement, grid)[0]
         fixed_gland, warped_gland = pair.fixed_labels[0] > 0.5, warped[0] > 0.5
         dices.append(float(2 * (fixed_gland & warped_gland).sum() / max(int(fixed_gland.sum() + warped_gland.sum()), 1)))
-        fixed_centres = label_centroids(pair.fixed_labels[1:], grid)
-        moving_centres = label_centroids(pair.moving_labels[1:], grid)
-        mapped = fixed_centres + sample(displacement, fixed_centres.view(1, -1, 1, 1, 3), grid,
-                                        padding_mode="border")[0, :, :, 0, 0].T
-        errors += [e for e in (mapped - moving_centres).norm(dim=1).tolist() if np.isfinite(e)]
+        distances = objectives.centroid_errors(pair.fixed_labels[None, 1:], pair.moving_labels[None, 1:],
+                                               displacement, grid)[0]
+        errors += [e for e in distances.tolist() if np.isfinite(e)]
     network.train()
     return {"tre_median_mm": float(np.median(errors)) if errors else float("nan"),
             "dice_median": float(np.median(dices)) if dices else float("nan"),
