@@ -21,8 +21,12 @@ reads it back with SimpleITK and measures TRE, Dice per label and folding the sa
 
 Methods: ``deepregister`` = every installed model, once without and once with its fine-tuning
 iterations ("deepregister/NAME" and "deepregister/NAME+ft": the card's default, or 40 when the
-card sets none; no model installed: fine-tuning alone); ``elastix`` = affine + B-spline (10 mm grid, 4 levels, bending-energy penalty), Mattes
-mutual information for multimodal pairs and normalised correlation for monomodal ones;
+card sets none; no model installed: fine-tuning alone); ``elastix`` = affine (4 levels) + B-spline
+(3 levels, control grid 40, 20, 10 mm, bending-energy penalty), Mattes mutual information for
+multimodal pairs and normalised correlation for monomodal ones. (elastix's default B-spline map,
+whose control grid is only 2x coarser at its coarsest level, diverged on the 192 mm field-of-view
+size pairs: 17.5 mm TRE from 2.9 at 128^3 with 4 levels, 10.3 mm with 3; 40-20-10 mm: 0.75 mm, and
+on a 128 mm brain pair 0.27 mm in 30 s against the default's 0.29 mm in 44 s.)
 ``ants`` = ANTs SyN and SyNRA (Mattes mutual information). All start from the image centres
 aligned, as DeepRegister does.
 """
@@ -167,7 +171,8 @@ def _run_elastix(fixed_path: str, moving_path: str, options: dict, out: Path, th
     affine["MaximumNumberOfIterations"] = [str(options["affine_iterations"])]
     affine["AutomaticTransformInitialization"] = ["true"]
     affine["AutomaticTransformInitializationMethod"] = ["GeometricalCenter"]
-    bspline = parameters.GetDefaultParameterMap("bspline", 4, 10.0)
+    bspline = parameters.GetDefaultParameterMap("bspline", 3, 10.0)
+    bspline["GridSpacingSchedule"] = ["4", "2", "1"]
     bspline["Metric"] = [metric, "TransformBendingEnergyPenalty"]
     bspline["MaximumNumberOfIterations"] = [str(options["bspline_iterations"])]
     parameters.AddParameterMap(affine)
