@@ -150,6 +150,36 @@ def test_loss_falls_on_toy_pair(tiny_data: Path, tmp_path: Path) -> None:
     assert [row["step"] for row in read_csv(run / "validation_log.csv")] == ["20"]
 
 
+def test_augmentation_moves_labels_with_their_images() -> None:
+    # A ball that is both image and label (zero at the edges, so the image's border padding and the
+    # label's zero padding agree): after augmentation the label must still lie exactly on its image,
+    # and the random smooth field (field_mm) must move it beyond what the affine part alone does.
+    from DeepRegisterLib.spatial import Grid
+    from training.objectives import Objective
+
+    grid = Grid.canonical((20, 20, 20), (3.0, 3.0, 3.0))
+    zyx = np.indices(grid.shape) - 9.5
+    ball = torch.from_numpy((np.sqrt((zyx ** 2).sum(axis=0)) < 5.5).astype(np.float32))[None, None].repeat(2, 1, 1, 1, 1)
+
+    def augmented(**augment: float) -> dict[str, torch.Tensor]:
+        config = {"method": "weakly_supervised", "training": {"augment": augment}}
+        batch = {"fixed": ball, "moving": ball, "fixed_label": ball, "moving_label": ball}
+        return Objective(config, grid, torch.device("cpu"))._augment(dict(batch), np.random.default_rng(7))
+
+    affine = augmented(affine=0.05, translation_mm=3.0)
+    both = augmented(affine=0.05, translation_mm=3.0, field_mm=6.0)
+    for batch in (affine, both):
+        for image in ("fixed", "moving"):
+            assert torch.allclose(batch[image], batch[f"{image}_label"], atol=1e-6)
+            assert (batch[image] - ball).abs().sum() > 10.0  # it moved
+    assert (both["moving"] - affine["moving"]).abs().sum() > 10.0
+
+    field = Objective({"method": "weakly_supervised", "training": {"augment": {"field_mm": 6.0}}}, grid,
+                      torch.device("cpu"))._random_field(8, np.random.default_rng(3))
+    largest = field.norm(dim=1).flatten(1).max(dim=1).values
+    assert field.shape == (8, 3, *grid.shape) and (largest <= 6.0 + 1e-4).all() and largest.max() > 3.0
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -123,12 +123,23 @@ class Objective:
         theta[:, :, 3] += torch.as_tensor(rng.uniform(-shift, shift, (size, 3)), dtype=torch.float32)
         return theta
 
+    def _random_field(self, size: int, rng: np.random.Generator) -> torch.Tensor:
+        """(size, 3, Z, Y, X) mm: per item, a :func:`multi_frequency_field` whose largest magnitude
+        is drawn uniformly from [0, ``field_mm``]."""
+        limit = float(self.augment.get("field_mm", 0.0))
+        return torch.cat([multi_frequency_field(self.grid, float(rng.uniform(0.0, limit)), rng) for _ in range(size)])
+
     def _augment(self, batch: dict[str, torch.Tensor], rng: np.random.Generator) -> dict[str, torch.Tensor]:
-        """Random affine per image (its label follows) and random gamma/contrast/noise."""
+        """Per image, a random affine plus a random smooth field (one warp; its label follows) and
+        random gamma/contrast/noise."""
         size = batch["fixed"].shape[0]
         for image, label in (("fixed", "fixed_label"), ("moving", "moving_label")):
-            if self.augment.get("affine", 0.0) or self.augment.get("translation_mm", 0.0):
-                field = affine_displacement(self._random_affine(size, rng), self.grid)
+            fields = [affine_displacement(self._random_affine(size, rng), self.grid)] \
+                if self.augment.get("affine", 0.0) or self.augment.get("translation_mm", 0.0) else []
+            if self.augment.get("field_mm", 0.0):
+                fields.append(self._random_field(size, rng))
+            if fields:
+                field = sum(fields)
                 batch[image] = warp(batch[image], field, self.grid, padding_mode="border")
                 if label in batch:
                     batch[label] = warp(batch[label], field, self.grid)
