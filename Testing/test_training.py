@@ -180,6 +180,29 @@ def test_augmentation_moves_labels_with_their_images() -> None:
     assert field.shape == (8, 3, *grid.shape) and (largest <= 6.0 + 1e-4).all() and largest.max() > 3.0
 
 
+def test_mrus_references_on_a_known_shift(tiny_data: Path, tmp_path: Path) -> None:
+    # Moving = fixed with its content (image and every label) moved 3 voxels along its first axis, same
+    # grid: the centres coincide, so after centre alignment every landmark is 3 voxel spacings off,
+    # and the gland-centroid offset recovers the shift exactly.
+    from training.evaluate import mrus_references
+
+    root = tmp_path / "shifted"
+    for folder in ("fixed_images", "moving_images", "fixed_labels", "moving_labels"):
+        (root / folder).mkdir(parents=True)
+    for name in ("obs001.nii.gz", "obs002.nii.gz"):
+        for kind in ("images", "labels"):
+            image = sitk.ReadImage(str(tiny_data / f"fixed_{kind}" / name))
+            moved = sitk.GetImageFromArray(np.roll(sitk.GetArrayFromImage(image), 3, axis=-1), isVector=False)
+            moved.CopyInformation(image)
+            sitk.WriteImage(image, str(root / f"fixed_{kind}" / name))
+            sitk.WriteImage(moved, str(root / f"moving_{kind}" / name))
+    report = mrus_references(root, held_out=2, seed=0)
+    assert report["pairs"] == 2 and report["landmarks"] == 4
+    assert report["tre_centres_aligned_median_mm"] == pytest.approx(3 * image.GetSpacing()[0], abs=1e-3)
+    assert report["tre_gland_centroid_shift_median_mm"] < 1e-3
+    assert all(np.isfinite(v) and v >= 0 for v in report["landmark_contrast_median"].values())
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
