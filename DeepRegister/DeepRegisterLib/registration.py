@@ -31,10 +31,10 @@ from .spatial import Grid
 ProgressCallback = Callable[[str, float], "bool | None"]
 
 DEFAULT_ITERATIONS_WITHOUT_MODEL = 150
-FINETUNE_GRID_VOXELS = 96  # longest side of the fine-tuning grid (fitted to the fixed image)
-SAMPLES_PER_ITERATION = 24576  # MI samples per step; on ultrasound-like brain pairs 16384: 0.93 mm, this: 0.78
+FINETUNE_GRID_VOXELS = 128  # longest side of the fine-tuning grid (fitted to the fixed image)
+SALIENCY_GRID_VOXELS = 64  # longest side of the grid the joint saliency map is computed on
 BENDING_WEIGHT = 5.0
-MATRIX_LR, TRANSLATION_LR, FIELD_LR = 5e-4, 0.1, 0.05  # Adam steps: unitless, mm, mm
+MATRIX_LR, TRANSLATION_LR = 5e-4, 0.1  # Adam steps: unitless, mm (the local field's: the card's finetune_step_mm)
 CONTROL_DIVISIONS = (4, 8)  # velocity control-point spacings = the grid's longest extent / these
 
 
@@ -116,10 +116,12 @@ def to_model_tensor(image: sitk.Image, grid: Grid, transform: sitk.Transform, wi
     return torch.from_numpy(np.clip(array, 0, 1)).to(device)[None, None]
 
 
-def downsample(volume: torch.Tensor, grid: Grid, factor: int) -> tuple[torch.Tensor, Grid]:
-    """Smooth and resample a volume to a grid ``factor`` times coarser over the same extent."""
+def downsample(volume: torch.Tensor, grid: Grid, factor: int, smooth_full: bool = False) -> tuple[torch.Tensor, Grid]:
+    """Smooth (Gaussian, sigma = ``factor`` / 2 voxels of ``grid``) and resample a volume to a grid
+    ``factor`` times coarser over the same extent. ``factor`` 1 returns the volume as it is, or
+    smoothed with ``smooth_full`` (the finest level of a pyramid, as in elastix's schedules)."""
     if factor == 1:
-        return volume, grid
+        return (gaussian_smooth(volume, 0.5 * min(grid.spacing), grid.spacing) if smooth_full else volume), grid
     size = tuple(max(4, (n - 1) // factor + 1) for n in grid.size)
     spacing = tuple((n - 1) * s / (m - 1) for n, s, m in zip(grid.size, grid.spacing, size))
     coarse = Grid.centered(grid.center, size, spacing, grid.direction)
@@ -134,8 +136,8 @@ class PairDeformation(torch.nn.Module):
     ``displacement(points)`` gives, for physical points (N, 3) in mm (x y z), the displacement
     (N, 3) in mm added to the initial field: ``(A - I)(p - c) + t`` plus the exponential of a
     stationary velocity field. The velocity is the sum of control-point grids of
-    ``control_spacings_mm`` (trilinear), integrated by scaling and squaring on a grid of half
-    the finest control spacing, so the local correction cannot fold.
+    ``control_spacings_mm`` (trilinear), integrated by scaling and squaring on a grid of the
+    finest control spacing, so the local correction cannot fold.
     """
 
     def __init__(self, grid: Grid, control_spacings_mm: tuple[float, ...]) -> None:
@@ -151,16 +153,21 @@ class PairDeformation(torch.nn.Module):
             self.control_grids.append(Grid.centered(grid.center, size, (step,) * 3, grid.direction))
             fields.append(torch.nn.Parameter(torch.zeros(1, 3, *self.control_grids[-1].shape)))
         self.fields = torch.nn.ParameterList(fields)
-        step = min(control_spacings_mm) / 2
+        step = min(control_spacings_mm)
         size = tuple(int(math.ceil(e / step) + 5) for e in extent)
         self.velocity_grid = Grid.centered(grid.center, size, (step,) * 3, grid.direction)
-        self.register_buffer("velocity_points", spatial.physical_points(self.velocity_grid)[None])
+        velocity_points = spatial.physical_points(self.velocity_grid)[None]
+        for index, control in enumerate(self.control_grids):  # where each control grid is read, computed once
+            self.register_buffer(f"control_coordinates{index}", spatial.normalized_coordinates(velocity_points, control),
+                                 persistent=False)
+        self.integrator = spatial.VelocityIntegrator(self.velocity_grid, steps=6)
 
     def local_field(self) -> torch.Tensor:
         """The integrated local displacement (1, 3, Z, Y, X) in mm on ``velocity_grid``."""
-        velocity = sum(spatial.sample(values, self.velocity_points, control, "bilinear", "border")
-                       for control, values in zip(self.control_grids, self.fields))
-        return spatial.integrate_velocity(velocity, self.velocity_grid, steps=6)
+        velocity = sum(F.grid_sample(values, getattr(self, f"control_coordinates{index}"), mode="bilinear",
+                                     padding_mode="border", align_corners=True)
+                       for index, values in enumerate(self.fields))
+        return self.integrator(velocity)
 
     def displacement(self, points: torch.Tensor) -> torch.Tensor:
         result = (points - self.center) @ self.matrix.T + self.translation
@@ -173,16 +180,45 @@ class PairDeformation(torch.nn.Module):
         return sum(bending_energy(values, control.spacing) for control, values in zip(self.control_grids, self.fields))
 
 
-def saliency_weights(fixed: torch.Tensor, warped: torch.Tensor, grid: Grid, sigma_mm: float) -> torch.Tensor:
-    """Per-voxel similarity weights ``1 + joint saliency`` on ``grid``, computed at half resolution
-    when the grid is larger than 48^3 voxels (the map is smooth at that scale)."""
-    factor = 2 if max(grid.size) > 48 else 1
-    small_fixed, small_grid = downsample(fixed, grid, factor)
-    small_warped, _ = downsample(warped, grid, factor)
-    saliency = joint_saliency(small_fixed, small_warped, small_grid.spacing, sigma_mm)
-    if factor > 1:
-        saliency = F.interpolate(saliency, size=grid.shape, mode="trilinear", align_corners=True)
-    return 1.0 + saliency
+class Pyramid:
+    """The pair's images (fixed, moving on ``grid``) at coarser levels, each computed once:
+    ``level(f)`` smooths with sigma = f / 2 voxels and resamples ``f`` times coarser over the same
+    extent (:func:`downsample`); ``saliency_level(g)`` is the level the joint saliency map of a
+    level grid ``g`` is computed on (at most SALIENCY_GRID_VOXELS per side)."""
+
+    def __init__(self, fixed: torch.Tensor, moving: torch.Tensor, grid: Grid) -> None:
+        self.fixed, self.moving, self.grid = fixed, moving, grid
+        self._levels: dict[int, tuple[torch.Tensor, torch.Tensor, Grid]] = {}
+
+    def level(self, factor: int) -> tuple[torch.Tensor, torch.Tensor, Grid]:
+        if factor not in self._levels:
+            fixed, grid = downsample(self.fixed, self.grid, factor, smooth_full=True)
+            moving, _ = downsample(self.moving, self.grid, factor, smooth_full=True)
+            self._levels[factor] = (fixed, moving, grid)
+        return self._levels[factor]
+
+    def saliency_level(self, factor: int) -> tuple[torch.Tensor, torch.Tensor, Grid]:
+        """The saliency images for level ``factor``: the level itself, or a coarser one."""
+        size = max(self.level(factor)[2].size)
+        return self.level(factor * max(1, math.ceil(size / SALIENCY_GRID_VOXELS)))
+
+
+def warped_saliency(small_fixed: torch.Tensor, small_moving: torch.Tensor, small_grid: Grid,
+                    displacement_at: Callable[[torch.Tensor], torch.Tensor], sigma_mm: float) -> torch.Tensor:
+    """Joint saliency (1, 1, Z, Y, X) in [0, 1] on ``small_grid`` of the fixed image and the moving image
+    through ``displacement_at`` (physical points (N, 3) -> displacements (N, 3), mm)."""
+    points = spatial.physical_points(small_grid, device=small_fixed.device).reshape(-1, 3)
+    mapped = (points + displacement_at(points)).view(1, *small_grid.shape, 3)
+    warped = spatial.sample(small_moving, mapped, small_grid)
+    return joint_saliency(small_fixed, warped, small_grid.spacing, sigma_mm)
+
+
+def field_sampler(field: torch.Tensor, grid: Grid) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``points (N, 3) -> displacement (N, 3)`` (mm) of a field (1, 3, Z, Y, X) on ``grid``, extended
+    by its border values."""
+    def at(points: torch.Tensor) -> torch.Tensor:
+        return spatial.sample(field, points.view(1, -1, 1, 1, 3), grid, "bilinear", "border").view(3, -1).T
+    return at
 
 
 def _report(progress: ProgressCallback | None, stage: str, fraction: float) -> None:
@@ -190,19 +226,23 @@ def _report(progress: ProgressCallback | None, stage: str, fraction: float) -> N
         raise RegistrationCancelled(f"Registration cancelled during {stage}.")
 
 
-def fine_tune(fixed: torch.Tensor, moving: torch.Tensor, initial: torch.Tensor, grid: Grid, iterations: int,
+def fine_tune(pyramid: Pyramid, initial: torch.Tensor, iterations: int,
               metric: str, saliency_sigma_mm: float, progress: ProgressCallback | None = None,
-              seed: int = 0) -> PairDeformation:
-    """Optimise a :class:`PairDeformation` on this pair from ``initial`` (1, 3, Z, Y, X mm on ``grid``).
+              seed: int = 0, field_step_mm: float = 0.1, samples: int = 8192) -> PairDeformation:
+    """Optimise a :class:`PairDeformation` on the pyramid's pair from ``initial`` (1, 3, Z, Y, X mm on
+    the pyramid's grid).
 
     Two resolution levels (half, then full), Adam; the similarity is mutual information on
     random voxel samples ("mi") or dense LNCC ("lncc"), each voxel weighted by
-    ``1 + joint saliency`` of the current alignment (recomputed every 25 steps), plus bending
-    energy of the correction.
+    ``1 + joint saliency`` of the current alignment (recomputed at the start and the middle of
+    each level, on the saliency grid), plus bending energy of the correction. ``field_step_mm``:
+    Adam's step for the local field's control points (mm, doubled on the coarse level); small
+    for a few steps from a good network prediction. ``samples``: MI samples per step.
     """
     if metric not in ("mi", "lncc"):
         raise InputError(f"Unknown fine-tuning metric '{metric}': use 'mi' or 'lncc'.")
-    device = fixed.device
+    grid = pyramid.grid
+    device = initial.device
     extent = float(((np.asarray(grid.size) - 1) * np.asarray(grid.spacing)).max())
     deformation = PairDeformation(grid, tuple(extent / d for d in CONTROL_DIVISIONS)).to(device)
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -211,39 +251,40 @@ def fine_tune(fixed: torch.Tensor, moving: torch.Tensor, initial: torch.Tensor, 
     for factor, steps in levels:
         if steps == 0:
             continue
-        level_fixed, level_grid = downsample(fixed, grid, factor)
-        level_moving, _ = downsample(moving, grid, factor)
+        level_fixed, level_moving, level_grid = pyramid.level(factor)
         level_initial = spatial.resample_field(initial, grid, level_grid) if factor > 1 else initial
         points = spatial.physical_points(level_grid, device=device).reshape(-1, 3)
         initial_flat = level_initial[0].reshape(3, -1).T
         optimizer = torch.optim.Adam([
             {"params": [deformation.matrix], "lr": MATRIX_LR},
             {"params": [deformation.translation], "lr": TRANSLATION_LR * factor},
-            {"params": list(deformation.fields), "lr": FIELD_LR * factor},
+            {"params": list(deformation.fields), "lr": field_step_mm * factor},
         ])
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0 - 0.8 * i / steps)
-        def warped_moving(padding_mode: str) -> torch.Tensor:
-            """The level's moving image through the current field, on the level grid."""
-            field = initial_flat + deformation.displacement(points)
-            return spatial.sample(level_moving, (points + field).view(1, *level_grid.shape, 3), level_grid,
-                                  padding_mode=padding_mode)
-
-        weight_map = torch.ones_like(level_fixed)
+        initial_at = field_sampler(level_initial, level_grid)
+        small_fixed, small_moving, small_grid = pyramid.saliency_level(factor)
         for step in range(steps):
-            if step % 25 == 0:
+            if step in (0, steps // 2):  # saliency of the current alignment, twice per level
                 with torch.no_grad():
-                    weight_map = saliency_weights(level_fixed, warped_moving("zeros"), level_grid, saliency_sigma_mm)
+                    saliency = warped_saliency(small_fixed, small_moving, small_grid,
+                                               lambda p: initial_at(p) + deformation.displacement(p), saliency_sigma_mm)
+                    weight_map = 1.0 + F.interpolate(saliency, size=level_grid.shape, mode="trilinear",
+                                                     align_corners=True) if metric == "lncc" else None
             optimizer.zero_grad(set_to_none=True)
             if metric == "mi":
-                index = torch.randint(0, points.shape[0], (min(SAMPLES_PER_ITERATION, points.shape[0]),),
+                index = torch.randint(0, points.shape[0], (min(samples, points.shape[0]),),
                                       generator=generator, device=device)
                 mapped = points[index] + initial_flat[index] + deformation.displacement(points[index])
                 inside = (spatial.normalized_coordinates(mapped, level_grid).abs() <= 1).all(dim=1).float()
                 values = spatial.sample(level_moving, mapped.view(1, -1, 1, 1, 3), level_grid).view(-1)
-                weights = weight_map.view(-1)[index] * inside
-                similarity = mutual_information_loss(level_fixed.view(-1)[index], values, weight=weights)
+                weights = 1.0 + spatial.sample(saliency, points[index].view(1, -1, 1, 1, 3), small_grid,
+                                               padding_mode="border").view(-1)
+                similarity = mutual_information_loss(level_fixed.view(-1)[index], values, weight=weights * inside)
             else:
-                similarity = lncc_loss(level_fixed, warped_moving("border"), weight=weight_map)
+                field = (initial_flat + deformation.displacement(points)).view(1, *level_grid.shape, 3)
+                warped = spatial.sample(level_moving, points.view(1, *level_grid.shape, 3) + field, level_grid,
+                                        padding_mode="border")
+                similarity = lncc_loss(level_fixed, warped, weight=weight_map)
             loss = similarity + BENDING_WEIGHT * deformation.regularization()
             loss.backward()
             optimizer.step()
@@ -326,6 +367,7 @@ def _register(fixed: sitk.Image, moving: sitk.Image, model: str | None, device: 
     moving_window = normalize_intensity(moving, card.intensity_percentiles)
     fixed_tune = to_model_tensor(fixed, tune_grid, sitk.Transform(), fixed_window, device)
     moving_tune = to_model_tensor(moving, tune_grid, shift, moving_window, device)
+    pyramid = Pyramid(fixed_tune, moving_tune, tune_grid)
     timings["preprocess"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -343,28 +385,29 @@ def _register(fixed: sitk.Image, moving: sitk.Image, model: str | None, device: 
     start = time.perf_counter()
     deformation = None
     if iterations > 0:
-        deformation = fine_tune(fixed_tune, moving_tune, initial, tune_grid, iterations, metric,
-                                card.saliency_sigma_mm, progress)
+        deformation = fine_tune(pyramid, initial, iterations, metric,
+                                card.saliency_sigma_mm, progress, field_step_mm=card.finetune_step_mm,
+                                samples=card.finetune_samples)
     timings["finetune"] = time.perf_counter() - start
 
     start = time.perf_counter()
     _report(progress, "output", 0.0)
     with torch.no_grad():
-        tune_points = spatial.physical_points(tune_grid, device=device)
-        tune_field = initial
+        displacement_at = field_sampler(initial, tune_grid)
         if deformation is not None:
-            tune_field = initial + deformation.displacement(tune_points.view(-1, 3)).T.reshape(1, 3, *tune_grid.shape)
-        warped_tune = spatial.sample(moving_tune, (tune_points + tune_field[0].permute(1, 2, 3, 0))[None], tune_grid)
-        saliency_tune = joint_saliency(fixed_tune, warped_tune, tune_grid.spacing, card.saliency_sigma_mm)
+            displacement_at = lambda p, initial_at=displacement_at: initial_at(p) + deformation.displacement(p)
+        small_fixed, small_moving, saliency_grid = pyramid.saliency_level(1)
+        saliency_small = warped_saliency(small_fixed, small_moving, saliency_grid, displacement_at,
+                                         card.saliency_sigma_mm)
 
         fixed_points = spatial.physical_points(fixed_grid, device=device)
-        full = spatial.resample_field(tune_field, tune_grid, fixed_grid)
+        full = displacement_at(fixed_points.view(-1, 3)).T.reshape(1, 3, *fixed_grid.shape)
         full = full + torch.as_tensor(center_shift, dtype=full.dtype, device=device).view(1, 3, 1, 1, 1)
         _check_overlap(fixed_points, full, moving)
         folding = spatial.folding_percent(full, fixed_grid)
         transform = sitk.DisplacementFieldTransform(spatial.displacement_to_sitk(full.cpu(), fixed_grid))
     warped = sitk.Resample(moving, fixed, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-    saliency = sitk.Resample(tune_grid.place(sitk.GetImageFromArray(saliency_tune[0, 0].cpu().numpy())), fixed,
+    saliency = sitk.Resample(saliency_grid.place(sitk.GetImageFromArray(saliency_small[0, 0].cpu().numpy())), fixed,
                              sitk.Transform(), sitk.sitkLinear, 0.0)
     saliency = sitk.Clamp(saliency, sitk.sitkFloat32, 0.0, 1.0)
     timings["output"] = time.perf_counter() - start

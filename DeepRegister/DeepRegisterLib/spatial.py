@@ -181,12 +181,37 @@ def compose(first: torch.Tensor, second: torch.Tensor, grid: Grid) -> torch.Tens
     return first + warp(second, first, grid, padding_mode="border")
 
 
+class VelocityIntegrator(torch.nn.Module):
+    """Scaling and squaring on one grid: displacement (B, 3, Z, Y, X) in mm of the exponential
+    of a stationary velocity field (B, 3, Z, Y, X) in mm (voxelmorph's VecInt, in physical units).
+
+    Each squaring is :func:`compose` of the field with itself (border extension); the grid's
+    ``grid_sample`` coordinates and its mm-to-normalised map are computed once, so repeated
+    integrations (fine-tuning calls it every step) cost only the ``steps`` interpolations.
+    """
+
+    def __init__(self, grid: Grid, steps: int = 7) -> None:
+        super().__init__()
+        self.steps = steps
+        points = physical_points(grid)
+        self.register_buffer("identity", normalized_coordinates(points, grid)[None], persistent=False)
+        scale = 2.0 / (np.asarray(grid.size, dtype=float) - 1).clip(min=1)
+        to_normalized = scale[:, None] * np.linalg.inv(grid.index_to_physical)  # mm -> normalised (x y z)
+        self.register_buffer("to_normalized", torch.as_tensor(to_normalized, dtype=torch.float32), persistent=False)
+
+    def forward(self, velocity: torch.Tensor) -> torch.Tensor:
+        displacement = velocity / (2 ** self.steps)
+        matrix = self.to_normalized.to(velocity.dtype)
+        for _ in range(self.steps):
+            coordinates = self.identity.to(velocity.dtype) + displacement.permute(0, 2, 3, 4, 1) @ matrix.T
+            displacement = displacement + F.grid_sample(displacement, coordinates, mode="bilinear",
+                                                        padding_mode="border", align_corners=True)
+        return displacement
+
+
 def integrate_velocity(velocity: torch.Tensor, grid: Grid, steps: int = 7) -> torch.Tensor:
     """Scaling and squaring: displacement (mm) of the exponential of a stationary velocity field (mm)."""
-    displacement = velocity / (2 ** steps)
-    for _ in range(steps):
-        displacement = compose(displacement, displacement, grid)
-    return displacement
+    return VelocityIntegrator(grid, steps).to(velocity.device)(velocity)
 
 
 def integrate_gradients(gradients: torch.Tensor, grid: Grid) -> torch.Tensor:
@@ -253,9 +278,11 @@ def spatial_jacobian(displacement: torch.Tensor, grid: Grid) -> torch.Tensor:
 
 def jacobian_determinant(displacement: torch.Tensor, grid: Grid) -> torch.Tensor:
     """Determinant of the mapping's Jacobian ``det(I + du/dp)``: (B, Z, Y, X); <= 0 means folding."""
-    jacobian = spatial_jacobian(displacement, grid)
-    eye = torch.eye(3, dtype=displacement.dtype, device=displacement.device)
-    return torch.linalg.det(jacobian + eye)
+    j = spatial_jacobian(displacement, grid)
+    a, b, c = j[..., 0, 0] + 1, j[..., 0, 1], j[..., 0, 2]
+    d, e, f = j[..., 1, 0], j[..., 1, 1] + 1, j[..., 1, 2]
+    g, h, i = j[..., 2, 0], j[..., 2, 1], j[..., 2, 2] + 1
+    return a * (e * i - f * h) - b * (d * i - f * g) + c * (d * h - e * g)  # cofactor expansion
 
 
 def folding_percent(displacement: torch.Tensor, grid: Grid) -> float:
