@@ -44,7 +44,7 @@ class ModelCard:
     intensity_percentiles: list[float] = field(default_factory=lambda: [1.0, 99.0])
     finetune_metric: str = "mi"
     finetune_iterations: int = 0  # default fine-tuning steps after the network's prediction
-    finetune_step_mm: float = 0.1  # Adam step (mm) of the local field's control points at the finest level
+    finetune_step_mm: float = 0.05  # Adam step (mm) of the local field's control points at the finest level
     finetune_samples: int = 8192  # MI samples per fine-tuning step (more for a few steps, fewer for many)
     saliency_sigma_mm: float = 1.5
     training: dict = field(default_factory=dict)

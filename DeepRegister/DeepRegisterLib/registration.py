@@ -33,6 +33,7 @@ ProgressCallback = Callable[[str, float], "bool | None"]
 DEFAULT_ITERATIONS_WITHOUT_MODEL = 150
 FINETUNE_GRID_VOXELS = 128  # longest side of the fine-tuning grid (fitted to the fixed image)
 SALIENCY_GRID_VOXELS = 64  # longest side of the grid the joint saliency map is computed on
+FINEST_SIGMA_MM = 0.5  # Gaussian smoothing of the finest fine-tuning level (ultrasound-like brain pairs: 0.50 -> 0.38 mm)
 BENDING_WEIGHT = 5.0
 MATRIX_LR, TRANSLATION_LR = 5e-4, 0.1  # Adam steps: unitless, mm (the local field's: the card's finetune_step_mm)
 CONTROL_DIVISIONS = (4, 8)  # velocity control-point spacings = the grid's longest extent / these
@@ -118,10 +119,10 @@ def to_model_tensor(image: sitk.Image, grid: Grid, transform: sitk.Transform, wi
 
 def downsample(volume: torch.Tensor, grid: Grid, factor: int, smooth_full: bool = False) -> tuple[torch.Tensor, Grid]:
     """Smooth (Gaussian, sigma = ``factor`` / 2 voxels of ``grid``) and resample a volume to a grid
-    ``factor`` times coarser over the same extent. ``factor`` 1 returns the volume as it is, or
-    smoothed with ``smooth_full`` (the finest level of a pyramid, as in elastix's schedules)."""
+    ``factor`` times coarser over the same extent. ``factor`` 1 returns the volume as it is, or,
+    with ``smooth_full``, smoothed by FINEST_SIGMA_MM (sub-millimetre noise such as speckle)."""
     if factor == 1:
-        return (gaussian_smooth(volume, 0.5 * min(grid.spacing), grid.spacing) if smooth_full else volume), grid
+        return (gaussian_smooth(volume, FINEST_SIGMA_MM, grid.spacing) if smooth_full else volume), grid
     size = tuple(max(4, (n - 1) // factor + 1) for n in grid.size)
     spacing = tuple((n - 1) * s / (m - 1) for n, s, m in zip(grid.size, grid.spacing, size))
     coarse = Grid.centered(grid.center, size, spacing, grid.direction)
@@ -182,8 +183,8 @@ class PairDeformation(torch.nn.Module):
 
 class Pyramid:
     """The pair's images (fixed, moving on ``grid``) at coarser levels, each computed once:
-    ``level(f)`` smooths with sigma = f / 2 voxels and resamples ``f`` times coarser over the same
-    extent (:func:`downsample`); ``saliency_level(g)`` is the level the joint saliency map of a
+    ``level(f)`` smooths with sigma = f / 2 voxels (FINEST_SIGMA_MM for f = 1) and resamples ``f``
+    times coarser over the same extent (:func:`downsample`); ``saliency_level(g)`` is the level the joint saliency map of a
     level grid ``g`` is computed on (at most SALIENCY_GRID_VOXELS per side)."""
 
     def __init__(self, fixed: torch.Tensor, moving: torch.Tensor, grid: Grid) -> None:
@@ -228,7 +229,7 @@ def _report(progress: ProgressCallback | None, stage: str, fraction: float) -> N
 
 def fine_tune(pyramid: Pyramid, initial: torch.Tensor, iterations: int,
               metric: str, saliency_sigma_mm: float, progress: ProgressCallback | None = None,
-              seed: int = 0, field_step_mm: float = 0.1, samples: int = 8192) -> PairDeformation:
+              seed: int = 0, field_step_mm: float = 0.05, samples: int = 8192) -> PairDeformation:
     """Optimise a :class:`PairDeformation` on the pyramid's pair from ``initial`` (1, 3, Z, Y, X mm on
     the pyramid's grid).
 
