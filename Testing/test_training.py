@@ -212,11 +212,14 @@ def _free_port() -> int:
 def run_two_processes(config: Path, data: Path, run: Path, steps: int) -> None:
     """A 2-process gloo torchrun of ``steps`` steps; asserts it succeeds with both ranks in sync."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-               "-m", "training.train", "--config", str(config), "--data", str(data),
-               "--max-steps", str(steps), "--out", str(run)]
-    completed = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    for _ in range(2):  # the free port is found by bind-and-release: another process may take it first
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                   "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+                   "-m", "training.train", "--config", str(config), "--data", str(data),
+                   "--max-steps", str(steps), "--out", str(run)]
+        completed = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        if "address already in use" not in (completed.stdout + completed.stderr).lower():
+            break
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     summary = json.loads((run / "run.json").read_text())
     assert summary["world_size"] == 2 and summary["ranks_in_sync"] is True, summary
