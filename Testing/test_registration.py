@@ -128,6 +128,24 @@ def blob_image(shift: float = 0.0, size: int = 24) -> torch.Tensor:
     return image[None, None]
 
 
+def test_pyramid_levels_are_computed_once_and_saliency_grid_is_capped() -> None:
+    grid = Grid.centered(np.zeros(3), (128, 100, 90), (1.0, 1.0, 1.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    rng = np.random.default_rng(0)
+    fixed, moving = (torch.from_numpy(rng.random((1, 1, *grid.shape), dtype=np.float32)) for _ in range(2))
+    pyramid = registration.Pyramid(fixed, moving, grid)
+    finest_fixed, _, finest_grid = pyramid.level(1)
+    assert finest_grid == grid and pyramid.level(1)[0] is finest_fixed
+    # the finest level is smoothed by FINEST_SIGMA_MM: white noise loses variance, keeps its mean
+    assert finest_fixed.std() < 0.8 * fixed.std() and abs(float(finest_fixed.mean() - fixed.mean())) < 1e-3
+    small_fixed, _, small_grid = pyramid.saliency_level(1)
+    assert max(small_grid.size) <= registration.SALIENCY_GRID_VOXELS and small_grid.size == (64, 50, 45)
+    assert small_fixed is pyramid.level(2)[0]  # the coarse fine-tuning level serves the saliency map
+    assert pyramid.saliency_level(2)[0] is small_fixed
+    extent = lambda g: (np.asarray(g.size) - 1) * np.asarray(g.spacing)
+    np.testing.assert_allclose(extent(small_grid), extent(grid))
+    np.testing.assert_allclose(small_grid.center, grid.center, atol=1e-9)
+
+
 def test_joint_saliency_properties() -> None:
     spacing = (1.0, 1.0, 1.0)
     fixed = blob_image()

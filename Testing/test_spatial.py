@@ -129,6 +129,17 @@ def test_scaling_and_squaring_inverts_with_negated_velocity() -> None:
     torch.testing.assert_close(tiny, velocity * 1e-3, atol=1e-5, rtol=1e-2)
 
 
+def test_velocity_integrator_is_repeated_composition_in_physical_space() -> None:
+    """The cached-coordinate integrator equals squaring by :func:`spatial.compose` (the definition)."""
+    velocity = smooth_field(FIXED, 6.0, 4)
+    expected = velocity / 2 ** 5
+    for _ in range(5):
+        expected = spatial.compose(expected, expected, FIXED)
+    integrated = spatial.VelocityIntegrator(FIXED, steps=5)(velocity)
+    assert expected.abs().max() > 3.0
+    torch.testing.assert_close(integrated, expected, atol=1e-4, rtol=1e-4)
+
+
 def test_integrate_gradients_identity_and_monotone() -> None:
     grid = Grid((12, 10, 8), (1.5, 2.0, 1.0), (0.0, 0.0, 0.0), rotation_direction(30, 0))
     ones = torch.ones(1, 3, *grid.shape)

@@ -260,6 +260,8 @@ def test_export_loads_and_registers(tiny_data: Path, tmp_path: Path) -> None:
     assert card.name == name and card.input_size == [16, 16, 16] and not network.training
     assert "tre_median_mm" in card.metrics and math.isfinite(card.metrics["tre_median_mm"])
     assert card.training["steps"] == 2 and card.training["method"] == "weakly_supervised"
+    # the config's fine-tuning settings travel into the card (mrus: many samples, a small step)
+    assert (card.finetune_iterations, card.finetune_samples, card.finetune_step_mm) == (8, 24576, 0.05)
     pair = make_phantom_pair(9, (32, 32, 32), spacing=4.0)
     result = register(pair.fixed, pair.moving, model=str(folder), iterations=0, device="cpu")
     assert isinstance(result.transform, sitk.DisplacementFieldTransform)

@@ -58,7 +58,9 @@ def model_card(config: dict) -> ModelCard:
                      modality=config.get("modality", {"fixed": "any", "moving": "any"}),
                      intensity_percentiles=list(config.get("intensity_percentiles", [1.0, 99.0])),
                      finetune_metric=config.get("finetune_metric", "mi"),
-                     finetune_iterations=int(config.get("finetune_iterations", 0)))
+                     finetune_iterations=int(config.get("finetune_iterations", 0)),
+                     finetune_step_mm=float(config.get("finetune_step_mm", ModelCard.finetune_step_mm)),
+                     finetune_samples=int(config.get("finetune_samples", ModelCard.finetune_samples)))
 
 
 def _resolve(path: str) -> Path:

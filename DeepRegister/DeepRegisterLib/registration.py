@@ -182,16 +182,19 @@ class PairDeformation(torch.nn.Module):
 
 
 class Pyramid:
-    """The pair's images (fixed, moving on ``grid``) at coarser levels, each computed once:
-    ``level(f)`` smooths with sigma = f / 2 voxels (FINEST_SIGMA_MM for f = 1) and resamples ``f``
-    times coarser over the same extent (:func:`downsample`); ``saliency_level(g)`` is the level the joint saliency map of a
-    level grid ``g`` is computed on (at most SALIENCY_GRID_VOXELS per side)."""
+    """The pair's images (fixed, moving on ``grid``) at coarser levels, each computed once.
+
+    ``level(f)`` smooths with sigma = f / 2 voxels (FINEST_SIGMA_MM for f = 1) and resamples
+    ``f`` times coarser over the same extent (:func:`downsample`); ``saliency_level(f)`` is the
+    level that level ``f``'s joint saliency map is computed on (at most SALIENCY_GRID_VOXELS per side).
+    """
 
     def __init__(self, fixed: torch.Tensor, moving: torch.Tensor, grid: Grid) -> None:
         self.fixed, self.moving, self.grid = fixed, moving, grid
         self._levels: dict[int, tuple[torch.Tensor, torch.Tensor, Grid]] = {}
 
     def level(self, factor: int) -> tuple[torch.Tensor, torch.Tensor, Grid]:
+        """(fixed, moving, grid) of level ``factor`` (1 = the finest)."""
         if factor not in self._levels:
             fixed, grid = downsample(self.fixed, self.grid, factor, smooth_full=True)
             moving, _ = downsample(self.moving, self.grid, factor, smooth_full=True)
@@ -229,7 +232,7 @@ def _report(progress: ProgressCallback | None, stage: str, fraction: float) -> N
 
 def fine_tune(pyramid: Pyramid, initial: torch.Tensor, iterations: int,
               metric: str, saliency_sigma_mm: float, progress: ProgressCallback | None = None,
-              seed: int = 0, field_step_mm: float = 0.05, samples: int = 8192) -> PairDeformation:
+              seed: int = 0, field_step_mm: float = 0.05, samples: int = 24576) -> PairDeformation:
     """Optimise a :class:`PairDeformation` on the pyramid's pair from ``initial`` (1, 3, Z, Y, X mm on
     the pyramid's grid).
 
@@ -394,9 +397,13 @@ def _register(fixed: sitk.Image, moving: sitk.Image, model: str | None, device: 
     start = time.perf_counter()
     _report(progress, "output", 0.0)
     with torch.no_grad():
-        displacement_at = field_sampler(initial, tune_grid)
-        if deformation is not None:
-            displacement_at = lambda p, initial_at=displacement_at: initial_at(p) + deformation.displacement(p)
+        initial_at = field_sampler(initial, tune_grid)
+
+        def displacement_at(points: torch.Tensor) -> torch.Tensor:
+            """The registration's displacement (mm) at physical points (N, 3)."""
+            field = initial_at(points)
+            return field if deformation is None else field + deformation.displacement(points)
+
         small_fixed, small_moving, saliency_grid = pyramid.saliency_level(1)
         saliency_small = warped_saliency(small_fixed, small_moving, saliency_grid, displacement_at,
                                          card.saliency_sigma_mm)
