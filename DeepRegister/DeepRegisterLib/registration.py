@@ -117,12 +117,12 @@ def to_model_tensor(image: sitk.Image, grid: Grid, transform: sitk.Transform, wi
     return torch.from_numpy(np.clip(array, 0, 1)).to(device)[None, None]
 
 
-def downsample(volume: torch.Tensor, grid: Grid, factor: int, smooth_full: bool = False) -> tuple[torch.Tensor, Grid]:
+def downsample(volume: torch.Tensor, grid: Grid, factor: int) -> tuple[torch.Tensor, Grid]:
     """Smooth (Gaussian, sigma = ``factor`` / 2 voxels of ``grid``) and resample a volume to a grid
-    ``factor`` times coarser over the same extent. ``factor`` 1 returns the volume as it is, or,
-    with ``smooth_full``, smoothed by FINEST_SIGMA_MM (sub-millimetre noise such as speckle)."""
+    ``factor`` times coarser over the same extent; ``factor`` 1 only smooths, by FINEST_SIGMA_MM
+    (sub-millimetre noise such as speckle)."""
     if factor == 1:
-        return (gaussian_smooth(volume, FINEST_SIGMA_MM, grid.spacing) if smooth_full else volume), grid
+        return gaussian_smooth(volume, FINEST_SIGMA_MM, grid.spacing), grid
     size = tuple(max(4, (n - 1) // factor + 1) for n in grid.size)
     spacing = tuple((n - 1) * s / (m - 1) for n, s, m in zip(grid.size, grid.spacing, size))
     coarse = Grid.centered(grid.center, size, spacing, grid.direction)
@@ -196,8 +196,8 @@ class Pyramid:
     def level(self, factor: int) -> tuple[torch.Tensor, torch.Tensor, Grid]:
         """(fixed, moving, grid) of level ``factor`` (1 = the finest)."""
         if factor not in self._levels:
-            fixed, grid = downsample(self.fixed, self.grid, factor, smooth_full=True)
-            moving, _ = downsample(self.moving, self.grid, factor, smooth_full=True)
+            fixed, grid = downsample(self.fixed, self.grid, factor)
+            moving, _ = downsample(self.moving, self.grid, factor)
             self._levels[factor] = (fixed, moving, grid)
         return self._levels[factor]
 
@@ -397,7 +397,8 @@ def _register(fixed: sitk.Image, moving: sitk.Image, model: str | None, device: 
     start = time.perf_counter()
     _report(progress, "output", 0.0)
     with torch.no_grad():
-        initial_at = field_sampler(initial, tune_grid)
+        # without a network the initial field is the identity: no need to interpolate its zeros
+        initial_at = field_sampler(initial, tune_grid) if network is not None else torch.zeros_like
 
         def displacement_at(points: torch.Tensor) -> torch.Tensor:
             """The registration's displacement (mm) at physical points (N, 3)."""
