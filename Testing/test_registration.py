@@ -13,7 +13,7 @@ from DeepRegisterLib.losses import bending_energy, lncc_loss, mutual_information
 from DeepRegisterLib.metrics import dice_per_label
 from DeepRegisterLib.models import ModelCard, save_model
 from DeepRegisterLib.nets import GlobalNet
-from DeepRegisterLib.saliency import joint_saliency
+from DeepRegisterLib.saliency import gaussian_smooth, joint_saliency, single_saliency, structure_tensor, tensor_distance
 from DeepRegisterLib.spatial import Grid
 from DeepRegisterLib.synthetic import make_phantom_pair
 
@@ -146,6 +146,54 @@ def test_pyramid_levels_are_computed_once_and_saliency_grid_is_capped() -> None:
     np.testing.assert_allclose(small_grid.center, grid.center, atol=1e-9)
 
 
+def test_fine_tuning_adam_follows_torch_adam() -> None:
+    """Same trajectory as torch.optim.Adam with per-group step sizes and a scheduled factor."""
+    target = torch.linspace(-2, 3, 12).view(3, 4)
+    ours = [torch.nn.Parameter(torch.zeros(3, 4)), torch.nn.Parameter(torch.ones(5))]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    optimizer = registration.Adam([([ours[0]], 0.1), ([ours[1]], 0.03)])
+    reference = torch.optim.Adam([{"params": [theirs[0]], "lr": 0.1}, {"params": [theirs[1]], "lr": 0.03}])
+    schedule = torch.optim.lr_scheduler.LambdaLR(reference, lambda i: 1.0 - 0.05 * i)
+    loss = lambda params: ((params[0] - target) ** 2).sum() + (params[1] ** 4).sum()
+    for step in range(15):
+        optimizer.zero_grad()
+        loss(ours).backward()
+        optimizer.step(1.0 - 0.05 * step)
+        reference.zero_grad()
+        loss(theirs).backward()
+        reference.step()
+        schedule.step()
+    assert loss(ours) < 0.5 * loss([torch.zeros(3, 4), torch.ones(5)])
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_gaussian_smooth_matches_edge_padded_convolution() -> None:
+    """Separable smoothing along x, y, z with each axis's own spacing, edges replicated."""
+    rng = np.random.default_rng(5)
+    volume = rng.normal(size=(2, 3, 9, 11, 13))
+    spacing, sigma_mm = (0.8, 1.5, 2.5), 2.0
+    expected = volume
+    for axis, step in zip((4, 3, 2), spacing):  # array axis 4 is x
+        sigma = sigma_mm / step
+        radius = max(1, int(np.ceil(3 * sigma)))
+        kernel = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+        kernel /= kernel.sum()
+        padded = np.pad(expected, [(radius, radius) if a == axis else (0, 0) for a in range(5)], mode="edge")
+        expected = np.apply_along_axis(lambda line: np.convolve(line, kernel, mode="valid"), axis, padded)
+    smoothed = gaussian_smooth(torch.as_tensor(volume, dtype=torch.float32), sigma_mm, spacing)
+    np.testing.assert_allclose(smoothed.numpy(), expected, atol=1e-5)
+
+
+def test_single_saliency_is_the_mean_distance_to_26_neighbours() -> None:
+    tensor = structure_tensor(torch.rand(2, 1, 9, 7, 5, generator=torch.Generator().manual_seed(1)), (2.0, 1.0, 3.0), 1.5)
+    padded = torch.nn.functional.pad(tensor, (1, 1, 1, 1, 1, 1), mode="replicate")
+    z, y, x = tensor.shape[2:]
+    expected = sum(tensor_distance(tensor, padded[:, :, dz:dz + z, dy:dy + y, dx:dx + x])
+                   for dz in range(3) for dy in range(3) for dx in range(3) if (dz, dy, dx) != (1, 1, 1)) / 27.0
+    torch.testing.assert_close(single_saliency(tensor), expected, atol=1e-6, rtol=1e-5)
+
+
 def test_joint_saliency_properties() -> None:
     spacing = (1.0, 1.0, 1.0)
     fixed = blob_image()
@@ -163,6 +211,30 @@ def test_joint_saliency_properties() -> None:
     moving = blob_image(2.0).requires_grad_(True)
     joint_saliency(fixed, moving, spacing).sum().backward()
     assert torch.isfinite(moving.grad).all() and moving.grad.abs().sum() > 0
+
+
+def test_mutual_information_equals_full_parzen_histogram() -> None:
+    """The truncated Parzen windows give the estimator with every bin counted, value and gradient."""
+    generator = torch.Generator().manual_seed(3)
+    fixed = torch.rand(5000, generator=generator)
+    warped = ((1.0 - fixed) ** 2 + 0.1 * torch.randn(5000, generator=generator)).clamp(0, 1).requires_grad_(True)
+    weight = 1.0 + torch.rand(5000, generator=generator)
+    centers = torch.linspace(0, 1, 32)
+
+    def windows(values: torch.Tensor) -> torch.Tensor:
+        window = torch.exp(-0.5 * ((values[:, None] - centers) * 31 / 0.5) ** 2)
+        return window / window.sum(dim=1, keepdim=True)
+
+    joint = (windows(fixed) * weight[:, None]).T @ windows(warped)
+    joint = joint / joint.sum()
+    ratio = joint / (joint.sum(1, keepdim=True) @ joint.sum(0, keepdim=True)).clamp(min=1e-12)
+    expected = (joint * torch.log(ratio.clamp(min=1e-12))).sum()
+    (expected_grad,) = torch.autograd.grad(expected, warped)
+    loss = mutual_information_loss(fixed, warped, weight=weight)
+    (grad,) = torch.autograd.grad(loss, warped)
+    assert expected > 0.3
+    torch.testing.assert_close(loss, -expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad, -expected_grad, atol=1e-6, rtol=1e-3)
 
 
 def test_similarity_losses_prefer_alignment() -> None:

@@ -140,6 +140,24 @@ def test_velocity_integrator_is_repeated_composition_in_physical_space() -> None
     torch.testing.assert_close(integrated, expected, atol=1e-4, rtol=1e-4)
 
 
+def test_bspline_field_reproduces_linear_fields_in_physical_space() -> None:
+    """Cubic B-splines reproduce linear functions: coefficients that are an affine function of the
+    control points' physical positions give that function at every target voxel (any offset,
+    spacing and rotation shared by both grids), and a constant falls off outside the support."""
+    direction = rotation_direction(25, 10)
+    control = Grid.centered(np.array([3.0, -2.0, 5.0]), (9, 8, 7), (6.0, 6.0, 6.0), direction)
+    target = Grid.centered(np.array([4.0, -1.0, 4.0]), (11, 10, 9), (2.3, 2.3, 2.3), direction)
+    coefficients_of = lambda grid: spatial.physical_points(grid, torch.float64) @ torch.tensor(
+        [[0.5, -1.0, 0.2], [0.1, 0.3, -0.7]], dtype=torch.float64).T + torch.tensor([1.0, -2.0], dtype=torch.float64)
+    values = spatial.BSplineField(control, target)(coefficients_of(control).permute(3, 0, 1, 2)[None].float())
+    expected = coefficients_of(target).permute(3, 0, 1, 2)[None].float()
+    torch.testing.assert_close(values, expected, atol=1e-4, rtol=1e-5)
+    far = Grid.centered(np.array([4.0, -1.0, 4.0]) + 60.0, (4, 4, 4), (2.3, 2.3, 2.3), direction)
+    assert spatial.BSplineField(control, far)(torch.ones(1, 1, 7, 8, 9)).abs().max() == 0
+    with pytest.raises(ValueError, match="same direction"):
+        spatial.BSplineField(control, MOVING)
+
+
 def test_integrate_gradients_identity_and_monotone() -> None:
     grid = Grid((12, 10, 8), (1.5, 2.0, 1.0), (0.0, 0.0, 0.0), rotation_direction(30, 0))
     ones = torch.ones(1, 3, *grid.shape)

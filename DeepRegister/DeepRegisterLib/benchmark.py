@@ -14,7 +14,7 @@ Each registration runs in its own worker process (``python -m DeepRegisterLib.be
 ``--threads`` CPU threads, so the peak resident memory it reports is that of the process doing the
 work, and the seconds are those of the registration call alone, steady state: no imports or file
 reading, and each worker first registers a small synthetic pair with the same tool so one-time
-costs (torch.optim's lazy import of torch._dynamo, ~2 s; ITK loading its modules) are not timed. For
+costs (lazy imports and kernel set-up in torch; ITK loading its modules) are not timed. For
 each pair and repeat, all methods run one after the other (A B C A B C) so drifting machine speed
 hits all of them alike. Each worker writes its fixed -> moving transform to a file; this process
 reads it back with SimpleITK and measures TRE, Dice per label and folding the same way for all.
@@ -217,7 +217,7 @@ def _register_with(tool: str, fixed: str, moving: str, options: dict, modality: 
 
 def warm_up(tool: str, options: dict, modality: str, out: Path, threads: int) -> None:
     """Register a small synthetic pair with the same tool first, so that one-time costs (lazy
-    imports such as torch._dynamo under torch.optim, ITK's module loading) are not timed."""
+    imports and kernel set-up in torch, ITK's module loading) are not timed."""
     folder = out / "warm-up"
     folder.mkdir()
     for name, centre in (("fixed", WARM_UP_VOXELS / 2), ("moving", WARM_UP_VOXELS / 2 + 1)):

@@ -181,6 +181,41 @@ def compose(first: torch.Tensor, second: torch.Tensor, grid: Grid) -> torch.Tens
     return first + warp(second, first, grid, padding_mode="border")
 
 
+def cubic_bspline(t: np.ndarray) -> np.ndarray:
+    """The cubic B-spline kernel at offsets ``t`` (in control spacings); support (-2, 2)."""
+    t = np.abs(t)
+    return np.where(t < 1, 2.0 / 3.0 - t ** 2 + t ** 3 / 2.0, np.where(t < 2, (2.0 - t) ** 3 / 6.0, 0.0))
+
+
+class BSplineField(torch.nn.Module):
+    """Cubic B-spline tensor-product field: coefficients (B, C, z, y, x) on a ``control`` grid ->
+    values (B, C, Z, Y, X) at the voxels of a ``target`` grid with the same direction.
+
+    Units are those of the coefficients (mm for displacements or velocities). Each axis is one
+    matrix product with that axis's B-spline weights, computed once; target voxels need two
+    control points of margin on each side for full support (``control`` is zero-extended).
+    """
+
+    def __init__(self, control: Grid, target: Grid) -> None:
+        super().__init__()
+        if not np.allclose(control.direction, target.direction, atol=1e-6):
+            raise ValueError("BSplineField needs control and target grids with the same direction.")
+        # target voxel j along axis a lies at control index offset[a] + j * target.spacing[a] / control.spacing[a]
+        offset = np.linalg.solve(control.index_to_physical, np.subtract(target.origin, control.origin))
+        for axis, name in enumerate(("x", "y", "z")):
+            positions = offset[axis] + np.arange(target.size[axis]) * target.spacing[axis] / control.spacing[axis]
+            weights = cubic_bspline(positions[:, None] - np.arange(control.size[axis])[None, :])
+            self.register_buffer(f"weights_{name}", torch.as_tensor(weights, dtype=torch.float32), persistent=False)
+
+    def forward(self, coefficients: torch.Tensor) -> torch.Tensor:
+        b, c, z, y, _ = coefficients.shape
+        values = coefficients @ self.weights_x.T  # (B, C, z, y, X)
+        values = self.weights_y @ values  # (B, C, z, Y, X)
+        shape = values.shape
+        values = self.weights_z @ values.reshape(b, c, z, -1)  # (B, C, Z, Y * X)
+        return values.reshape(b, c, -1, shape[3], shape[4])
+
+
 class VelocityIntegrator(torch.nn.Module):
     """Scaling and squaring on one grid: displacement (B, 3, Z, Y, X) in mm of the exponential
     of a stationary velocity field (B, 3, Z, Y, X) in mm (voxelmorph's VecInt, in physical units).
