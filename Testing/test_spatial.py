@@ -149,13 +149,13 @@ def test_bspline_field_reproduces_linear_fields_in_physical_space() -> None:
     target = Grid.centered(np.array([4.0, -1.0, 4.0]), (11, 10, 9), (2.3, 2.3, 2.3), direction)
     coefficients_of = lambda grid: spatial.physical_points(grid, torch.float64) @ torch.tensor(
         [[0.5, -1.0, 0.2], [0.1, 0.3, -0.7]], dtype=torch.float64).T + torch.tensor([1.0, -2.0], dtype=torch.float64)
-    values = spatial.BSplineField(control, target)(coefficients_of(control).permute(3, 0, 1, 2)[None].float())
+    values = spatial.SeparableInterpolator(control, target, "bspline")(coefficients_of(control).permute(3, 0, 1, 2)[None].float())
     expected = coefficients_of(target).permute(3, 0, 1, 2)[None].float()
     torch.testing.assert_close(values, expected, atol=1e-4, rtol=1e-5)
     far = Grid.centered(np.array([4.0, -1.0, 4.0]) + 60.0, (4, 4, 4), (2.3, 2.3, 2.3), direction)
-    assert spatial.BSplineField(control, far)(torch.ones(1, 1, 7, 8, 9)).abs().max() == 0
+    assert spatial.SeparableInterpolator(control, far, "bspline")(torch.ones(1, 1, 7, 8, 9)).abs().max() == 0
     with pytest.raises(ValueError, match="same direction"):
-        spatial.BSplineField(control, MOVING)
+        spatial.SeparableInterpolator(control, MOVING)
 
 
 def test_integrate_gradients_identity_and_monotone() -> None:
@@ -189,6 +189,19 @@ def test_resample_field_keeps_physical_values() -> None:
     expected = spatial.sitk_to_displacement(reference)
     difference = (resampled - expected).abs()[..., 3:-3, 3:-3, 3:-3]
     assert difference.max() < 0.05 * min(fine.spacing)
+
+
+def test_separable_linear_interpolation_equals_grid_sample_with_border() -> None:
+    """Same-direction grids: the separable path gives trilinear interpolation with border
+    extension, also where the target reaches beyond the source; other directions keep grid_sample."""
+    field = smooth_field(FIXED, 2.0, 6)
+    wider = Grid.centered(FIXED.center + 3.0, (31, 27, 25), (1.1, 1.3, 1.7), FIXED.direction)
+    separable = spatial.SeparableInterpolator(FIXED, wider)(field)
+    points = spatial.physical_points(wider)[None]
+    torch.testing.assert_close(separable, spatial.sample(field, points, FIXED, "bilinear", "border"), atol=1e-5, rtol=1e-5)
+    rotated = spatial.resample_field(field, FIXED, MOVING)
+    expected = spatial.sample(field, spatial.physical_points(MOVING)[None], FIXED, "bilinear", "border")
+    torch.testing.assert_close(rotated, expected)
 
 
 def test_resize_voxel_field_rescales_values() -> None:

@@ -159,7 +159,7 @@ class PairDeformation(torch.nn.Module):
             control_size = tuple(int(math.ceil(e / spacing) + 5) for e in velocity_extent)
             self.control_grids.append(Grid.centered(grid.center, control_size, (spacing,) * 3, grid.direction))
             fields.append(torch.nn.Parameter(torch.zeros(1, 3, *self.control_grids[-1].shape)))
-            splines.append(spatial.BSplineField(self.control_grids[-1], self.velocity_grid))
+            splines.append(spatial.SeparableInterpolator(self.control_grids[-1], self.velocity_grid, "bspline"))
         self.fields = torch.nn.ParameterList(fields)
         self.splines = torch.nn.ModuleList(splines)
         self.integrator = spatial.VelocityIntegrator(self.velocity_grid, steps=VELOCITY_SQUARINGS)
@@ -181,6 +181,20 @@ class PairDeformation(torch.nn.Module):
         local = spatial.sample(self.local_field(), points.view(1, -1, 1, 1, 3), self.velocity_grid,
                                "bilinear", "border")
         return result + local.view(3, -1).T
+
+    def displacement_on(self, grid: Grid) -> torch.Tensor:
+        """:meth:`displacement` at every voxel of ``grid`` (the fine-tuning grid's direction):
+        (1, 3, Z, Y, X) in mm, the affine part per index axis, the local field by separable
+        trilinear interpolation (no per-point coordinates)."""
+        index_to_physical = torch.as_tensor(grid.index_to_physical, dtype=self.matrix.dtype, device=self.matrix.device)
+        per_index = self.matrix @ index_to_physical  # displacement per voxel step along x, y, z
+        origin = torch.as_tensor(grid.origin, dtype=self.matrix.dtype, device=self.matrix.device)
+        affine = ((origin - self.center) @ self.matrix.T + self.translation).view(1, 3, 1, 1, 1)
+        for axis, shape in enumerate(((1, 1, -1), (1, -1, 1), (-1, 1, 1))):
+            steps = torch.arange(grid.size[axis], dtype=affine.dtype, device=affine.device).view(1, 1, *shape)
+            affine = affine + per_index[:, axis].view(1, 3, 1, 1, 1) * steps
+        local = spatial.SeparableInterpolator(self.velocity_grid, grid).to(affine.device)(self.local_field())
+        return affine + local
 
     def regularization(self) -> torch.Tensor:
         """Bending energy of the velocity control-point fields (unitless)."""
@@ -214,21 +228,11 @@ class Pyramid:
 
 
 def warped_saliency(small_fixed: torch.Tensor, small_moving: torch.Tensor, small_grid: Grid,
-                    displacement_at: Callable[[torch.Tensor], torch.Tensor], sigma_mm: float) -> torch.Tensor:
-    """Joint saliency (1, 1, Z, Y, X) in [0, 1] on ``small_grid`` of the fixed image and the moving image
-    through ``displacement_at`` (physical points (N, 3) -> displacements (N, 3), mm)."""
-    points = spatial.physical_points(small_grid, device=small_fixed.device).reshape(-1, 3)
-    mapped = (points + displacement_at(points)).view(1, *small_grid.shape, 3)
-    warped = spatial.sample(small_moving, mapped, small_grid)
-    return joint_saliency(small_fixed, warped, small_grid.spacing, sigma_mm)
-
-
-def field_sampler(field: torch.Tensor, grid: Grid) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``points (N, 3) -> displacement (N, 3)`` (mm) of a field (1, 3, Z, Y, X) on ``grid``, extended
-    by its border values."""
-    def at(points: torch.Tensor) -> torch.Tensor:
-        return spatial.sample(field, points.view(1, -1, 1, 1, 3), grid, "bilinear", "border").view(3, -1).T
-    return at
+                    displacement: torch.Tensor, sigma_mm: float) -> torch.Tensor:
+    """Joint saliency (1, 1, Z, Y, X) in [0, 1] on ``small_grid`` of the fixed image and the moving
+    image warped by ``displacement`` (1, 3, Z, Y, X) in mm on ``small_grid``."""
+    return joint_saliency(small_fixed, spatial.warp(small_moving, displacement, small_grid), small_grid.spacing,
+                          sigma_mm)
 
 
 def _report(progress: ProgressCallback | None, stage: str, fraction: float) -> None:
@@ -301,13 +305,13 @@ def fine_tune(pyramid: Pyramid, initial: torch.Tensor, iterations: int,
         initial_flat = level_initial[0].reshape(3, -1).T
         optimizer = Adam([([deformation.matrix], MATRIX_LR), ([deformation.translation], TRANSLATION_LR * factor),
                           (list(deformation.fields), field_step_mm * factor)])
-        initial_at = field_sampler(level_initial, level_grid)
         small_fixed, small_moving, small_grid = pyramid.saliency_level(factor)
+        small_initial = spatial.resample_field(initial, grid, small_grid)
         for step in range(steps):
             if step in (0, steps // 2):  # saliency of the current alignment, twice per level
                 with torch.no_grad():
                     saliency = warped_saliency(small_fixed, small_moving, small_grid,
-                                               lambda p: initial_at(p) + deformation.displacement(p), saliency_sigma_mm)
+                                               small_initial + deformation.displacement_on(small_grid), saliency_sigma_mm)
                     weight_map = 1.0 + F.interpolate(saliency, size=level_grid.shape, mode="trilinear",
                                                      align_corners=True)
             optimizer.zero_grad()
@@ -333,9 +337,13 @@ def fine_tune(pyramid: Pyramid, initial: torch.Tensor, iterations: int,
     return deformation
 
 
-def _check_overlap(fixed_points: torch.Tensor, field: torch.Tensor, moving: sitk.Image) -> None:
+def _check_overlap(fixed_grid: Grid, field: torch.Tensor, moving: sitk.Image) -> None:
+    """Raise when almost none of the fixed volume (every 4th voxel) maps into the moving one."""
+    sparse = Grid(tuple((n - 1) // 4 + 1 for n in fixed_grid.size), tuple(4 * s for s in fixed_grid.spacing),
+                  fixed_grid.origin, fixed_grid.direction)
+    points = spatial.physical_points(sparse, device=field.device)
+    mapped = (points + field[0, :, ::4, ::4, ::4].permute(1, 2, 3, 0)).reshape(-1, 3).double().cpu().numpy()
     moving_grid = Grid.from_image(moving)
-    mapped = (fixed_points + field[0].permute(1, 2, 3, 0))[::4, ::4, ::4].reshape(-1, 3).double().cpu().numpy()
     index = moving_grid.physical_to_index(mapped)
     inside = np.all((index >= -0.5) & (index <= np.asarray(moving_grid.size) - 0.5), axis=1).mean()
     if inside < 0.05:
@@ -412,13 +420,15 @@ def _register(fixed: sitk.Image, moving: sitk.Image, model: str | None, device: 
     start = time.perf_counter()
     _report(progress, "network", 0.0)
     initial = torch.zeros(1, 3, *tune_grid.shape, device=device)
+    network_field = None  # the network's displacement (1, 3, Z, Y, X) in mm on its grid
     if network is not None:
         fixed_t = to_model_tensor(fixed, grid, sitk.Transform(), fixed_window, device)
         moving_t = to_model_tensor(moving, grid, shift, moving_window, device)
         with torch.no_grad():
             canonical = network(fixed_t, moving_t)["displacement"]
         direction = torch.as_tensor(np.reshape(grid.direction, (3, 3)), dtype=canonical.dtype, device=device)
-        initial = spatial.resample_field(torch.einsum("ij,bjzyx->bizyx", direction, canonical), grid, tune_grid)
+        network_field = torch.einsum("ij,bjzyx->bizyx", direction, canonical)
+        initial = spatial.resample_field(network_field, grid, tune_grid)
     timings["network"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -432,22 +442,18 @@ def _register(fixed: sitk.Image, moving: sitk.Image, model: str | None, device: 
     start = time.perf_counter()
     _report(progress, "output", 0.0)
     with torch.no_grad():
-        # without a network the initial field is the identity: no need to interpolate its zeros
-        initial_at = field_sampler(initial, tune_grid) if network is not None else torch.zeros_like
-
-        def displacement_at(points: torch.Tensor) -> torch.Tensor:
-            """The registration's displacement (mm) at physical points (N, 3)."""
-            field = initial_at(points)
-            return field if deformation is None else field + deformation.displacement(points)
+        def displacement_on(target: Grid) -> torch.Tensor:
+            """The registration's displacement (1, 3, Z, Y, X) in mm on ``target`` (centres not shifted)."""
+            field = (torch.zeros(1, 3, *target.shape, device=device) if network_field is None
+                     else spatial.resample_field(network_field, grid, target))
+            return field if deformation is None else field + deformation.displacement_on(target)
 
         small_fixed, small_moving, saliency_grid = pyramid.saliency_level(1)
-        saliency_small = warped_saliency(small_fixed, small_moving, saliency_grid, displacement_at,
+        saliency_small = warped_saliency(small_fixed, small_moving, saliency_grid, displacement_on(saliency_grid),
                                          card.saliency_sigma_mm)
-
-        fixed_points = spatial.physical_points(fixed_grid, device=device)
-        full = displacement_at(fixed_points.view(-1, 3)).T.reshape(1, 3, *fixed_grid.shape)
+        full = displacement_on(fixed_grid)
         full = full + torch.as_tensor(center_shift, dtype=full.dtype, device=device).view(1, 3, 1, 1, 1)
-        _check_overlap(fixed_points, full, moving)
+        _check_overlap(fixed_grid, full, moving)
         folding = spatial.folding_percent(full, fixed_grid)
         transform = sitk.DisplacementFieldTransform(spatial.displacement_to_sitk(full.cpu(), fixed_grid))
     warped = sitk.Resample(moving, fixed, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
