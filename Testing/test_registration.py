@@ -7,7 +7,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from DeepRegisterLib import registration
+from DeepRegisterLib import registration, spatial
 from DeepRegisterLib.landmarks import tre
 from DeepRegisterLib.losses import bending_energy, lncc_loss, mutual_information_loss
 from DeepRegisterLib.metrics import dice_per_label
@@ -144,6 +144,25 @@ def test_pyramid_levels_are_computed_once_and_saliency_grid_is_capped() -> None:
     extent = lambda g: (np.asarray(g.size) - 1) * np.asarray(g.spacing)
     np.testing.assert_allclose(extent(small_grid), extent(grid))
     np.testing.assert_allclose(small_grid.center, grid.center, atol=1e-9)
+
+
+def test_pair_deformation_on_a_grid_equals_it_at_the_grid_points() -> None:
+    """``displacement_on`` (separable, per axis) and ``displacement`` (per point) are one field."""
+    direction = tuple(np.linalg.qr(np.random.default_rng(2).normal(size=(3, 3)))[0].ravel())
+    grid = Grid.centered(np.array([10.0, -5.0, 3.0]), (30, 26, 22), (2.0, 2.0, 2.0), direction)
+    deformation = registration.PairDeformation(grid, (30.0, 15.0))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        deformation.matrix.copy_(0.05 * torch.randn(3, 3, generator=generator))
+        deformation.translation.copy_(torch.tensor([1.0, -2.0, 0.5]))
+        for values in deformation.fields:
+            values.copy_(2.0 * torch.randn(values.shape, generator=generator))
+        target = Grid.centered(np.array([12.0, -4.0, 1.0]), (17, 13, 11), (2.7, 3.1, 3.3), direction)
+        on_grid = deformation.displacement_on(target)
+        points = spatial.physical_points(target).reshape(-1, 3)
+        at_points = deformation.displacement(points).T.reshape(1, 3, *target.shape)
+    assert on_grid.abs().max() > 2.0
+    torch.testing.assert_close(on_grid, at_points, atol=1e-4, rtol=1e-4)
 
 
 def test_fine_tuning_adam_follows_torch_adam() -> None:

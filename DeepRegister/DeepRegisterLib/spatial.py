@@ -66,6 +66,13 @@ class Grid:
         """The networks' frame: identity direction, centred on the physical origin."""
         return cls.centered(np.zeros(3), size, spacing, (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
 
+    def strided(self, offset: tuple[int, int, int], stride: int) -> "Grid":
+        """Every ``stride``-th voxel from index ``offset`` (x, y, z) on: the grid of the array
+        slice ``[..., oz::stride, oy::stride, ox::stride]``."""
+        origin = np.asarray(self.origin) + self.index_to_physical @ np.asarray(offset, dtype=float)
+        size = tuple((n - 1 - o) // stride + 1 for n, o in zip(self.size, offset))
+        return Grid(size, tuple(s * stride for s in self.spacing), tuple(float(v) for v in origin), self.direction)
+
     @property
     def shape(self) -> tuple[int, int, int]:
         """Array shape (Z, Y, X)."""
