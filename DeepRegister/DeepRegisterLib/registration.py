@@ -78,7 +78,8 @@ def resolve_device(device: str) -> torch.device:
 def instance_card() -> ModelCard:
     """The settings used when no trained model is given (fine-tuning from the identity)."""
     return ModelCard(name="none", description="No network: fine-tuning on the pair from the identity.",
-                     architecture="", config={}, input_size=[FINETUNE_GRID_VOXELS] * 3, spacing_mm=[0.0] * 3)
+                     architecture="", config={}, input_size=[FINETUNE_GRID_VOXELS] * 3, spacing_mm=[0.0] * 3,
+                     finetune_step_mm=0.2, finetune_samples=16384)  # as the generic card's 100 steps from ~0
 
 
 def finetune_grid(fixed: sitk.Image) -> Grid:
