@@ -137,8 +137,8 @@ def downsample(volume: torch.Tensor, grid: Grid, factor: int) -> tuple[torch.Ten
 class PairDeformation(torch.nn.Module):
     """Fine-tuned correction on top of a fixed initial field: affine + diffeomorphic local field.
 
-    ``displacement(points)`` gives, for physical points (N, 3) in mm (x y z), the displacement
-    (N, 3) in mm added to the initial field: ``(A - I)(p - c) + t`` plus the exponential of a
+    ``displacement_on(grid)`` gives, at the voxels ``p`` of a grid, the displacement (mm) added to
+    the initial field: ``(A - I)(p - c) + t`` plus the exponential of a
     stationary velocity field. The velocity is the sum of cubic B-spline control-point grids of
     ``control_spacings_mm``, evaluated on a grid of half the finest control spacing and
     integrated there by scaling and squaring, so the local correction cannot fold.
@@ -165,7 +165,7 @@ class PairDeformation(torch.nn.Module):
         self.fields = torch.nn.ParameterList(fields)
         self.splines = torch.nn.ModuleList(splines)
         self.integrator = spatial.VelocityIntegrator(self.velocity_grid, steps=VELOCITY_SQUARINGS)
-        self._interpolators: dict[Grid, spatial.SeparableInterpolator] = {}  # velocity grid -> grids asked for
+        self._interpolators: dict[Grid, spatial.SeparableInterpolator] = {}  # from the velocity grid, per target grid
 
     def local_field(self) -> torch.Tensor:
         """The integrated local displacement (1, 3, Z, Y, X) in mm on ``velocity_grid``; when gradients
@@ -173,22 +173,16 @@ class PairDeformation(torch.nn.Module):
         velocity = sum(spline(values) for spline, values in zip(self.splines, self.fields))
         if not torch.is_grad_enabled():
             return self.integrator(velocity)
-        # the exact exponential forward; its gradient taken as the identity (first order in the
-        # velocity's spatial derivatives): 4 squarings' backward passes saved a step, same accuracy
+        # the exact exponential forward, its gradient taken as the identity (first order in the
+        # velocity's spatial derivatives): no backward pass through the squarings, same accuracy
         with torch.no_grad():
             correction = self.integrator(velocity) - velocity
         return velocity + correction
 
-    def displacement(self, points: torch.Tensor) -> torch.Tensor:
-        result = (points - self.center) @ self.matrix.T + self.translation
-        local = spatial.sample(self.local_field(), points.view(1, -1, 1, 1, 3), self.velocity_grid,
-                               "bilinear", "border")
-        return result + local.view(3, -1).T
-
     def displacement_on(self, grid: Grid) -> torch.Tensor:
-        """:meth:`displacement` at every voxel of ``grid`` (the fine-tuning grid's direction):
-        (1, 3, Z, Y, X) in mm, the affine part per index axis, the local field by separable
-        trilinear interpolation (no per-point coordinates)."""
+        """The correction (1, 3, Z, Y, X) in mm at every voxel of ``grid`` (which has the fine-tuning
+        grid's direction): the affine part per index axis, the local field by separable trilinear
+        interpolation from the velocity grid (border values outside it)."""
         index_to_physical = torch.as_tensor(grid.index_to_physical, dtype=self.matrix.dtype, device=self.matrix.device)
         per_index = self.matrix @ index_to_physical  # displacement per voxel step along x, y, z
         origin = torch.as_tensor(grid.origin, dtype=self.matrix.dtype, device=self.matrix.device)
