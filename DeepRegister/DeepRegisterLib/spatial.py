@@ -66,6 +66,10 @@ class Grid:
         """The networks' frame: identity direction, centred on the physical origin."""
         return cls.centered(np.zeros(3), size, spacing, (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
 
+    def shares_direction(self, other: "Grid") -> bool:
+        """Whether both grids' index axes point the same physical ways (to 1e-6)."""
+        return bool(np.allclose(self.direction, other.direction, atol=1e-6))
+
     def strided(self, offset: tuple[int, int, int], stride: int) -> "Grid":
         """Every ``stride``-th voxel from index ``offset`` (x, y, z) on: the grid of the array
         slice ``[..., oz::stride, oy::stride, ox::stride]``."""
@@ -206,7 +210,7 @@ class SeparableInterpolator(torch.nn.Module):
 
     def __init__(self, source: Grid, target: Grid, kernel: str = "linear") -> None:
         super().__init__()
-        if not np.allclose(source.direction, target.direction, atol=1e-6):
+        if not source.shares_direction(target):
             raise ValueError("SeparableInterpolator needs source and target grids with the same direction.")
         if kernel not in ("linear", "bspline"):
             raise ValueError(f"Unknown kernel '{kernel}': use 'linear' or 'bspline'.")
@@ -256,11 +260,6 @@ class VelocityIntegrator(torch.nn.Module):
         return displacement
 
 
-def integrate_velocity(velocity: torch.Tensor, grid: Grid, steps: int = 7) -> torch.Tensor:
-    """Scaling and squaring: displacement (mm) of the exponential of a stationary velocity field (mm)."""
-    return VelocityIntegrator(grid, steps).to(velocity.device)(velocity)
-
-
 def integrate_gradients(gradients: torch.Tensor, grid: Grid) -> torch.Tensor:
     """Displacement (mm) from spatial gradients by cumulative sum (Christodoulidis et al.).
 
@@ -291,7 +290,7 @@ def resample_field(displacement: torch.Tensor, source: Grid, target: Grid) -> to
     Values are physical mm, so they are unchanged; outside ``source`` the border value is used.
     Grids with the same direction take the separable path (:class:`SeparableInterpolator`).
     """
-    if np.allclose(source.direction, target.direction, atol=1e-6):
+    if source.shares_direction(target):
         return SeparableInterpolator(source, target).to(displacement.device)(displacement)
     points = physical_points(target, displacement.dtype, displacement.device).unsqueeze(0)
     points = points.expand(displacement.shape[0], *points.shape[1:])
