@@ -132,7 +132,7 @@ def test_pyramid_levels_are_computed_once_and_saliency_grid_is_capped() -> None:
     grid = Grid.centered(np.zeros(3), (128, 100, 90), (1.0, 1.0, 1.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
     rng = np.random.default_rng(0)
     fixed, moving = (torch.from_numpy(rng.random((1, 1, *grid.shape), dtype=np.float32)) for _ in range(2))
-    pyramid = registration.Pyramid(fixed, moving, grid)
+    pyramid = registration.Pyramid(fixed, moving, grid, 1.5)
     finest_fixed, _, finest_grid = pyramid.level(1)
     assert finest_grid == grid and pyramid.level(1)[0] is finest_fixed
     # the finest level is smoothed by FINEST_SIGMA_MM: white noise loses variance, keeps its mean
@@ -144,6 +144,14 @@ def test_pyramid_levels_are_computed_once_and_saliency_grid_is_capped() -> None:
     extent = lambda g: (np.asarray(g.size) - 1) * np.asarray(g.spacing)
     np.testing.assert_allclose(extent(small_grid), extent(grid))
     np.testing.assert_allclose(small_grid.center, grid.center, atol=1e-9)
+    # the saliency map there: the fixed half computed once, the same map as computed in one go
+    displacement = torch.from_numpy(rng.normal(0, 2, (1, 3, *small_grid.shape)).astype(np.float32))
+    expected = joint_saliency(small_fixed, spatial.warp(pyramid.saliency_level(1)[1], displacement, small_grid),
+                              small_grid.spacing, 1.5)
+    torch.testing.assert_close(pyramid.joint_saliency(1, displacement), expected)
+    cached = pyramid._fixed_saliency[small_grid]
+    torch.testing.assert_close(pyramid.joint_saliency(2, displacement), expected)
+    assert pyramid._fixed_saliency[small_grid] is cached and len(pyramid._fixed_saliency) == 1
 
 
 def test_pair_deformation_on_a_grid_is_the_pointwise_field() -> None:

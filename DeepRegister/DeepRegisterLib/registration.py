@@ -24,7 +24,7 @@ from . import spatial
 from .imageio import InputError, center_alignment, check_volume, physical_box
 from .losses import bending_energy, lncc_loss, mutual_information_loss
 from .models import ModelCard, load_model
-from .saliency import gaussian_smooth, joint_saliency
+from .saliency import FixedSaliency, gaussian_smooth
 from .spatial import Grid
 
 #: ``progress(stage, fraction)``; returning ``False`` cancels the registration.
@@ -38,6 +38,7 @@ BENDING_WEIGHT = 5.0
 MATRIX_LR, TRANSLATION_LR = 5e-4, 0.1  # Adam steps: unitless, mm (the local field's: the card's finetune_step_mm)
 CONTROL_DIVISIONS = (4, 8)  # velocity control-point spacings = the grid's longest extent / these
 VELOCITY_SQUARINGS = 4  # scaling and squaring steps of the fine-tuning velocity
+FINAL_STEP_SCALE = 0.2  # Adam's step sizes fall linearly to this fraction over each level
 COARSE_FRACTION = 0.25  # fine-tuning steps on the half-resolution level (dev ultrasound-like pairs: 0.5 -> 0.31 mm, 0.25: 0.29)
 
 
@@ -204,12 +205,14 @@ class Pyramid:
 
     ``level(f)`` smooths with sigma = f / 2 voxels (FINEST_SIGMA_MM for f = 1) and resamples
     ``f`` times coarser over the same extent (:func:`downsample`); ``saliency_level(f)`` is the
-    level that level ``f``'s joint saliency map is computed on (at most SALIENCY_GRID_VOXELS per side).
+    level that level ``f``'s joint saliency map is computed on (at most SALIENCY_GRID_VOXELS per side);
+    ``joint_saliency(f, displacement)`` the map there, Gaussian window ``saliency_sigma_mm``.
     """
 
-    def __init__(self, fixed: torch.Tensor, moving: torch.Tensor, grid: Grid) -> None:
-        self.fixed, self.moving, self.grid = fixed, moving, grid
+    def __init__(self, fixed: torch.Tensor, moving: torch.Tensor, grid: Grid, saliency_sigma_mm: float) -> None:
+        self.fixed, self.moving, self.grid, self.saliency_sigma_mm = fixed, moving, grid, saliency_sigma_mm
         self._levels: dict[int, tuple[torch.Tensor, torch.Tensor, Grid]] = {}
+        self._fixed_saliency: dict[Grid, FixedSaliency] = {}
 
     def level(self, factor: int) -> tuple[torch.Tensor, torch.Tensor, Grid]:
         """(fixed, moving, grid) of level ``factor`` (1 = the finest)."""
@@ -224,13 +227,14 @@ class Pyramid:
         size = max(self.level(factor)[2].size)
         return self.level(factor * max(1, math.ceil(size / SALIENCY_GRID_VOXELS)))
 
-
-def warped_saliency(small_fixed: torch.Tensor, small_moving: torch.Tensor, small_grid: Grid,
-                    displacement: torch.Tensor, sigma_mm: float) -> torch.Tensor:
-    """Joint saliency (1, 1, Z, Y, X) in [0, 1] on ``small_grid`` of the fixed image and the moving
-    image warped by ``displacement`` (1, 3, Z, Y, X) in mm on ``small_grid``."""
-    return joint_saliency(small_fixed, spatial.warp(small_moving, displacement, small_grid), small_grid.spacing,
-                          sigma_mm)
+    def joint_saliency(self, factor: int, displacement: torch.Tensor) -> torch.Tensor:
+        """Joint saliency (1, 1, Z, Y, X) in [0, 1] on the grid of ``saliency_level(factor)``, of the fixed
+        image and the moving image warped by ``displacement`` (1, 3, Z, Y, X) in mm on that grid; the
+        fixed image's half of the map is computed once per grid."""
+        fixed, moving, grid = self.saliency_level(factor)
+        if grid not in self._fixed_saliency:
+            self._fixed_saliency[grid] = FixedSaliency(fixed, grid.spacing, self.saliency_sigma_mm)
+        return self._fixed_saliency[grid](spatial.warp(moving, displacement, grid))
 
 
 def _report(progress: ProgressCallback | None, stage: str, fraction: float) -> None:
@@ -273,7 +277,7 @@ class Adam:
 
 
 def fine_tune(pyramid: Pyramid, initial: torch.Tensor, iterations: int,
-              metric: str, saliency_sigma_mm: float, progress: ProgressCallback | None = None,
+              metric: str, progress: ProgressCallback | None = None,
               seed: int = 0, field_step_mm: float = 0.05, samples: int = 24576) -> PairDeformation:
     """Optimise a :class:`PairDeformation` on the pyramid's pair from ``initial`` (1, 3, Z, Y, X mm on
     the pyramid's grid).
@@ -307,13 +311,12 @@ def fine_tune(pyramid: Pyramid, initial: torch.Tensor, iterations: int,
         stride = max(1, round((math.prod(level_grid.size) / samples) ** (1.0 / 3.0)))
         optimizer = Adam([([deformation.matrix], MATRIX_LR), ([deformation.translation], TRANSLATION_LR * factor),
                           (list(deformation.fields), field_step_mm * factor)])
-        small_fixed, small_moving, small_grid = pyramid.saliency_level(factor)
+        small_grid = pyramid.saliency_level(factor)[2]
         small_initial = spatial.resample_field(initial, grid, small_grid)
         for step in range(steps):
             if step in (0, steps // 2):  # saliency of the current alignment, twice per level
                 with torch.no_grad():
-                    saliency = warped_saliency(small_fixed, small_moving, small_grid,
-                                               small_initial + deformation.displacement_on(small_grid), saliency_sigma_mm)
+                    saliency = pyramid.joint_saliency(factor, small_initial + deformation.displacement_on(small_grid))
                     weight_map = 1.0 + F.interpolate(saliency, size=level_grid.shape, mode="trilinear",
                                                      align_corners=True)
             optimizer.zero_grad()
@@ -332,7 +335,7 @@ def fine_tune(pyramid: Pyramid, initial: torch.Tensor, iterations: int,
                 similarity = lncc_loss(level_fixed, warped, weight=weight_map)
             loss = similarity + BENDING_WEIGHT * deformation.regularization()
             loss.backward()
-            optimizer.step(1.0 - 0.8 * step / steps)  # step sizes fall linearly to a fifth
+            optimizer.step(1.0 - (1.0 - FINAL_STEP_SCALE) * step / steps)
             done += 1
             _report(progress, "finetune", done / iterations)
     return deformation
@@ -413,7 +416,7 @@ def _register(fixed: sitk.Image, moving: sitk.Image, model: str | None, device: 
     moving_window = normalize_intensity(moving, card.intensity_percentiles)
     fixed_tune = to_model_tensor(fixed, tune_grid, sitk.Transform(), fixed_window, device)
     moving_tune = to_model_tensor(moving, tune_grid, shift, moving_window, device)
-    pyramid = Pyramid(fixed_tune, moving_tune, tune_grid)
+    pyramid = Pyramid(fixed_tune, moving_tune, tune_grid, card.saliency_sigma_mm)
     timings["preprocess"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -433,8 +436,7 @@ def _register(fixed: sitk.Image, moving: sitk.Image, model: str | None, device: 
     start = time.perf_counter()
     deformation = None
     if iterations > 0:
-        deformation = fine_tune(pyramid, initial, iterations, metric,
-                                card.saliency_sigma_mm, progress, field_step_mm=card.finetune_step_mm,
+        deformation = fine_tune(pyramid, initial, iterations, metric, progress, field_step_mm=card.finetune_step_mm,
                                 samples=card.finetune_samples)
     timings["finetune"] = time.perf_counter() - start
 
@@ -447,9 +449,8 @@ def _register(fixed: sitk.Image, moving: sitk.Image, model: str | None, device: 
                      else spatial.resample_field(network_field, grid, target))
             return field if deformation is None else field + deformation.displacement_on(target)
 
-        small_fixed, small_moving, saliency_grid = pyramid.saliency_level(1)
-        saliency_small = warped_saliency(small_fixed, small_moving, saliency_grid, displacement_on(saliency_grid),
-                                         card.saliency_sigma_mm)
+        saliency_grid = pyramid.saliency_level(1)[2]
+        saliency_small = pyramid.joint_saliency(1, displacement_on(saliency_grid))
         full = displacement_on(fixed_grid)
         full = full + torch.as_tensor(center_shift, dtype=full.dtype, device=device).view(1, 3, 1, 1, 1)
         _check_overlap(fixed_grid, full, moving)

@@ -121,14 +121,28 @@ def normalize(values: torch.Tensor) -> torch.Tensor:
     return (values - low) / (high - low + _EPS)
 
 
+class FixedSaliency:
+    """The fixed image's half of the joint saliency map, computed once: ``FixedSaliency(fixed, ...)(warped)``
+    equals ``joint_saliency(fixed, warped, ...)``, at about half the cost when the fixed image stays
+    the same while the warped one changes (fine-tuning refreshes the map during optimisation)."""
+
+    def __init__(self, fixed: torch.Tensor, spacing: tuple[float, float, float], sigma_mm: float = 1.5) -> None:
+        self.spacing, self.sigma_mm = spacing, sigma_mm
+        self.tensor = structure_tensor(fixed, spacing, sigma_mm)
+        self.single = normalize(single_saliency(self.tensor))
+
+    def __call__(self, warped: torch.Tensor) -> torch.Tensor:
+        """Joint saliency map in [0, 1] (B, 1, Z, Y, X) against ``warped`` on the fixed image's grid."""
+        tensor = structure_tensor(warped, self.spacing, self.sigma_mm)
+        common = torch.minimum(self.single, normalize(single_saliency(tensor)))
+        cross = normalize(tensor_distance(self.tensor, tensor))
+        return normalize(common / (cross + 1.0))
+
+
 def joint_saliency(fixed: torch.Tensor, warped: torch.Tensor, spacing: tuple[float, float, float],
                    sigma_mm: float = 1.5) -> torch.Tensor:
     """Joint saliency map in [0, 1] of two images on the same grid (B, 1, Z, Y, X)."""
-    tensor_a = structure_tensor(fixed, spacing, sigma_mm)
-    tensor_b = structure_tensor(warped, spacing, sigma_mm)
-    common = torch.minimum(normalize(single_saliency(tensor_a)), normalize(single_saliency(tensor_b)))
-    cross = normalize(tensor_distance(tensor_a, tensor_b))
-    return normalize(common / (cross + 1.0))
+    return FixedSaliency(fixed, spacing, sigma_mm)(warped)
 
 
 class JointSaliency(torch.nn.Module):
