@@ -9,7 +9,7 @@ import torch
 
 from DeepRegisterLib import registration, spatial
 from DeepRegisterLib.landmarks import tre
-from DeepRegisterLib.losses import bending_energy, lncc_loss, mutual_information_loss
+from DeepRegisterLib.losses import BendingEnergy, bending_energy, lncc_loss, mutual_information_loss
 from DeepRegisterLib.metrics import dice_per_label
 from DeepRegisterLib.models import ModelCard, save_model
 from DeepRegisterLib.nets import GlobalNet
@@ -281,3 +281,16 @@ def test_similarity_losses_prefer_alignment() -> None:
     wavy = torch.zeros(1, 3, 16, 16, 16)
     wavy[:, 0] = 5.0 * torch.sin(torch.arange(16.0) / 2.0).view(1, 1, 16)
     assert bending_energy(wavy, grid.spacing) > 1e-3
+
+
+@pytest.mark.parametrize("shape, spacing", [((15, 12, 10), (16.0, 8.0, 4.0)), ((4, 9, 6), (1.0, 2.0, 3.0))])
+def test_sparse_bending_energy_equals_the_finite_differences(shape: tuple, spacing: tuple) -> None:
+    """The precomputed quadratic form gives bending_energy's value and gradient (also where an axis
+    is too short for second differences)."""
+    values = torch.randn(2, 3, *shape, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    expected = bending_energy(values, spacing)
+    (expected_grad,) = torch.autograd.grad(expected, values)
+    energy = BendingEnergy(shape, spacing)(values)
+    (grad,) = torch.autograd.grad(energy, values)
+    torch.testing.assert_close(energy, expected, rtol=1e-5, atol=0)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-9)
