@@ -1,7 +1,7 @@
 """Write the benchmark pairs and their pairs.csv (fixed seeds: the same files on every machine).
 
     python Testing/Performance/make_benchmark_pairs.py --out benchmark-pairs [--mrus-pairs 16]
-        [--brain-pairs 3] [--no-sizes]      # e.g. mrus only: --brain-pairs 0 --no-sizes
+        [--brain-pairs 5] [--no-sizes]      # e.g. mrus only: --brain-pairs 0 --no-sizes
     deepregister benchmark --pairs benchmark-pairs/pairs.csv --out benchmark-output
 
 Kinds of pairs:
@@ -110,7 +110,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmark-pairs"))
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "mrus_sim")
     parser.add_argument("--mrus-pairs", type=int, default=16, help="held-out mrus_sim pairs (at most 16)")
-    parser.add_argument("--brain-pairs", type=int, default=3, help="pairs per synthetic brain kind")
+    parser.add_argument("--brain-pairs", type=int, default=5, help="pairs per synthetic brain kind")
     parser.add_argument("--no-sizes", action="store_true", help="leave out the size-64/128/192 pairs")
     args = parser.parse_args()
     t1, gm, wm = (sitk.ReadImage(str(path), sitk.sitkFloat32) for path in fetch())
