@@ -124,3 +124,21 @@ def test_relative_pairs_csv_gives_absolute_paths(tmp_path: Path, monkeypatch: py
     [pair] = read_pairs("pairs/pairs.csv")
     assert pair.fixed.is_absolute() and pair.fixed == tmp_path / "pairs" / "a" / "fixed.nii.gz"
     assert pair.moving.is_absolute() and pair.fixed_landmarks is None
+
+
+def test_network_measurement_reports_every_variant_against_fp32() -> None:
+    """measure_network.py (the GPU figures' script) on the CPU with a small pair: every variant has a
+    latency, a throughput per batch size and its difference from fp32; fp32 differs from itself by 0."""
+    spec = importlib.util.spec_from_file_location("measure_network",
+                                                  REPO / "Testing" / "Performance" / "measure_network.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    report = module.main(["--device", "cpu", "--models", "mrus", "--batches", "1,2", "--repeats", "2",
+                          "--variants", "fp32,channels_last", "--size", "64"])
+    result = report["models"]["mrus"]
+    assert result["grid_voxels"] == [24, 32, 22]
+    for name, row in result["variants"].items():
+        assert row["latency_ms"] > 0 and set(row["pairs_per_second"]) == {"1", "2"}
+        assert all(value > 0 for value in row["pairs_per_second"].values())
+        assert row["max_difference_from_fp32_mm"] < (1e-6 if name == "fp32" else 1e-3)
+    assert set(result["register_seconds"]) == {"0", "8"} and result["register_seconds"]["8"]["finetune"] > 0
