@@ -293,6 +293,16 @@ def test_initialize_loads_a_pretrained_global_net(tiny_data: Path, tmp_path: Pat
         assert torch.equal(value, before[key]), key
 
 
+def test_initialize_starts_from_a_shipped_model() -> None:
+    card, shipped = load_model("mrus")
+    network = build_network(card.architecture, tuple(card.input_size), tuple(card.spacing_mm), **card.config)
+    train.initialize(network, {"network": "mrus"})
+    for key, value in shipped.state_dict().items():
+        assert torch.equal(network.state_dict()[key], value), key
+    with pytest.raises(Exception, match="No model named"):
+        train.initialize(network, {"network": "no-such-model"})
+
+
 def test_unknown_method_is_a_clear_error(tmp_path: Path) -> None:
     path = _write_config(tmp_path, lambda c: c.update(method="supervised_magic"))
     with pytest.raises(ValueError, match="unknown method 'supervised_magic'.*weakly_supervised"):

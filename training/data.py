@@ -16,9 +16,9 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from DeepRegisterLib.imageio import center_alignment, check_volume, read_image
+from DeepRegisterLib.imageio import check_volume, read_image
 from DeepRegisterLib.models import ModelCard
-from DeepRegisterLib.registration import model_grid, normalize_intensity, to_model_tensor
+from DeepRegisterLib.registration import PairInputs, model_grid
 from DeepRegisterLib.spatial import Grid
 
 FOLDERS = ("fixed_images", "moving_images", "fixed_labels", "moving_labels")
@@ -93,13 +93,10 @@ def prepare_pair(files: PairFiles, card: ModelCard) -> PreparedPair:
     fixed = check_volume(read_image(files.fixed), "fixed")
     moving = check_volume(read_image(files.moving), "moving")
     grid = model_grid(fixed, card)
-    shift = center_alignment(fixed, moving)
-    device = torch.device("cpu")
-    fixed_t = to_model_tensor(fixed, grid, sitk.Transform(), normalize_intensity(fixed, card.intensity_percentiles),
-                              device)[0]
-    moving_t = to_model_tensor(moving, grid, shift, normalize_intensity(moving, card.intensity_percentiles), device)[0]
+    inputs = PairInputs.prepare(fixed, moving, card)
+    fixed_t, moving_t = (t[0] for t in inputs.on(grid, torch.device("cpu")))
     return PreparedPair(files.name, fixed_t, moving_t, _labels_on_grid(files.fixed_labels, grid, sitk.Transform()),
-                        _labels_on_grid(files.moving_labels, grid, shift), grid)
+                        _labels_on_grid(files.moving_labels, grid, inputs.shift), grid)
 
 
 def split(pairs: list[PairFiles], validation: int, seed: int) -> tuple[list[PairFiles], list[PairFiles]]:

@@ -24,7 +24,7 @@ import torch.distributed as dist
 import yaml
 
 from DeepRegisterLib.cli import ProgressBar
-from DeepRegisterLib.models import ModelCard, save_model
+from DeepRegisterLib.models import WEIGHTS_FILE, ModelCard, find_model, save_model
 from DeepRegisterLib.nets import build_network
 from DeepRegisterLib.spatial import Grid, folding_percent, warp
 
@@ -89,13 +89,25 @@ def load_pairs(config: dict, data_override: str | None) -> tuple[list[PreparedPa
     return [prepare_pair(f, card) for f in train_files], [prepare_pair(f, card) for f in val_files]
 
 
+def pretrained_state(source: str) -> dict[str, torch.Tensor]:
+    """Weights from a training checkpoint (``.pt``, read with ``weights_only``) or from a shipped
+    model (its name, folder or ``.safetensors`` file); no code is ever unpickled."""
+    from safetensors.torch import load_file
+
+    if source.endswith(".safetensors"):
+        return load_file(str(_resolve(source)), device="cpu")
+    if not source.endswith(".pt"):
+        return load_file(str(find_model(source) / WEIGHTS_FILE), device="cpu")
+    state = torch.load(_resolve(source), map_location="cpu", weights_only=True)
+    return state.get("model", state)
+
+
 def initialize(network: torch.nn.Module, sources: dict[str, str]) -> None:
-    """Load pretrained weights into submodules: ``{submodule: checkpoint}`` (e.g. a GlobalNet run's
-    best.pt into ``global_net``); checkpoints are read with ``weights_only`` (no code is unpickled)."""
-    for name, checkpoint in sources.items():
-        module = network.get_submodule(name)
-        state = torch.load(_resolve(checkpoint), map_location="cpu", weights_only=True)
-        module.load_state_dict(state.get("model", state))
+    """Load pretrained weights into submodules: ``{submodule: source}`` (e.g. a GlobalNet run's
+    best.pt into ``global_net``; ``network: mrus`` starts the whole network from the shipped model);
+    see :func:`pretrained_state`."""
+    for name, source in sources.items():
+        network.get_submodule("" if name == "network" else name).load_state_dict(pretrained_state(str(source)))
 
 
 def setup_distributed() -> tuple[int, int, torch.device]:

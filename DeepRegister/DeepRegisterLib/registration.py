@@ -121,6 +121,31 @@ def to_model_tensor(image: sitk.Image, grid: Grid, transform: sitk.Transform, wi
     return torch.from_numpy(np.clip(array, 0, 1)).to(device)[None, None]
 
 
+@dataclass(frozen=True)
+class PairInputs:
+    """A pair as the network and fine-tuning see it: the moving image under ``shift`` (fixed ->
+    moving, mm; the centre alignment) and each image's intensity window, to be placed on any grid."""
+
+    fixed: sitk.Image
+    moving: sitk.Image
+    shift: sitk.Transform
+    fixed_window: tuple[float, float]
+    moving_window: tuple[float, float]
+
+    @classmethod
+    def prepare(cls, fixed: sitk.Image, moving: sitk.Image, card: ModelCard, align_centers: bool = True
+                ) -> "PairInputs":
+        """Centre shift (identity unless ``align_centers``) and the card's percentile windows."""
+        shift = center_alignment(fixed, moving) if align_centers else sitk.TranslationTransform(3)
+        return cls(fixed, moving, shift, normalize_intensity(fixed, card.intensity_percentiles),
+                   normalize_intensity(moving, card.intensity_percentiles))
+
+    def on(self, grid: Grid, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fixed and shifted moving image resampled onto ``grid``, windowed to [0, 1]: (1, 1, Z, Y, X) each."""
+        return (to_model_tensor(self.fixed, grid, sitk.Transform(), self.fixed_window, device),
+                to_model_tensor(self.moving, grid, self.shift, self.moving_window, device))
+
+
 def downsample(volume: torch.Tensor, grid: Grid, factor: int) -> tuple[torch.Tensor, Grid]:
     """Smooth (Gaussian, sigma = ``factor`` / 2 voxels of ``grid``) and resample a volume to a grid
     ``factor`` times coarser over the same extent; ``factor`` 1 only smooths, by FINEST_SIGMA_MM
@@ -405,19 +430,15 @@ def _register(fixed: sitk.Image, moving: sitk.Image, model: str | None, device: 
     grid = model_grid(fixed, card)
     tune_grid = finetune_grid(fixed)
     fixed_grid = Grid.from_image(fixed)
-    shift = center_alignment(fixed, moving) if align_centers else sitk.TranslationTransform(3)
-    center_shift = np.asarray(shift.GetOffset())
+    inputs = PairInputs.prepare(fixed, moving, card, align_centers)
+    center_shift = np.asarray(inputs.shift.GetOffset())
     if not align_centers:
         low_f, high_f = physical_box(fixed)
         low_m, high_m = physical_box(moving)
         if np.any(high_f < low_m) or np.any(high_m < low_f):
             raise InputError("The fixed and moving volumes do not overlap in physical space. Check their "
                              "origins and directions, or let DeepRegister align their centres.")
-    fixed_window = normalize_intensity(fixed, card.intensity_percentiles)
-    moving_window = normalize_intensity(moving, card.intensity_percentiles)
-    fixed_tune = to_model_tensor(fixed, tune_grid, sitk.Transform(), fixed_window, device)
-    moving_tune = to_model_tensor(moving, tune_grid, shift, moving_window, device)
-    pyramid = Pyramid(fixed_tune, moving_tune, tune_grid, card.saliency_sigma_mm)
+    pyramid = Pyramid(*inputs.on(tune_grid, device), tune_grid, card.saliency_sigma_mm)
     timings["preprocess"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -425,10 +446,8 @@ def _register(fixed: sitk.Image, moving: sitk.Image, model: str | None, device: 
     initial = torch.zeros(1, 3, *tune_grid.shape, device=device)
     network_field = None  # the network's displacement (1, 3, Z, Y, X) in mm on its grid
     if network is not None:
-        fixed_t = to_model_tensor(fixed, grid, sitk.Transform(), fixed_window, device)
-        moving_t = to_model_tensor(moving, grid, shift, moving_window, device)
         with torch.no_grad():
-            canonical = network(fixed_t, moving_t)["displacement"]
+            canonical = network(*inputs.on(grid, device))["displacement"]
         direction = torch.as_tensor(np.reshape(grid.direction, (3, 3)), dtype=canonical.dtype, device=device)
         network_field = torch.einsum("ij,bjzyx->bizyx", direction, canonical)
         initial = spatial.resample_field(network_field, grid, tune_grid)

@@ -27,7 +27,6 @@ import SimpleITK as sitk
 import torch
 
 from DeepRegisterLib import registration
-from DeepRegisterLib.imageio import center_alignment
 from DeepRegisterLib.models import find_model, load_model, read_card
 from DeepRegisterLib.synthetic import make_phantom_pair
 
@@ -68,12 +67,8 @@ def model_inputs(model: str, fixed: sitk.Image, moving: sitk.Image, device: torc
                  ) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
     """The model (eval mode) and the pair on its grid, as ``register`` prepares them: (1, 1, Z, Y, X) each."""
     card, network = load_model(model, device)
-    grid = registration.model_grid(fixed, card)
-    shift = center_alignment(fixed, moving)
-    fixed_t = registration.to_model_tensor(fixed, grid, sitk.Transform(),
-                                           registration.normalize_intensity(fixed, card.intensity_percentiles), device)
-    moving_t = registration.to_model_tensor(moving, grid, shift,
-                                            registration.normalize_intensity(moving, card.intensity_percentiles), device)
+    inputs = registration.PairInputs.prepare(fixed, moving, card)
+    fixed_t, moving_t = inputs.on(registration.model_grid(fixed, card), device)
     return network.eval(), fixed_t, moving_t
 
 
