@@ -183,7 +183,8 @@ def test_augmentation_moves_labels_with_their_images() -> None:
 def test_mrus_references_on_a_known_shift(tiny_data: Path, tmp_path: Path) -> None:
     # Moving = fixed with its content (image and every label) moved 3 voxels along its first axis, same
     # grid: the centres coincide, so after centre alignment every landmark is 3 voxel spacings off,
-    # and the gland-centroid offset recovers the shift exactly.
+    # and the gland-centroid offset recovers the shift exactly, as does registering the gland labels.
+    from training.data import pairs_from_folder
     from training.evaluate import mrus_references
 
     root = tmp_path / "shifted"
@@ -196,10 +197,12 @@ def test_mrus_references_on_a_known_shift(tiny_data: Path, tmp_path: Path) -> No
             moved.CopyInformation(image)
             sitk.WriteImage(image, str(root / f"fixed_{kind}" / name))
             sitk.WriteImage(moved, str(root / f"moving_{kind}" / name))
-    report = mrus_references(root, held_out=2, seed=0)
+    report = mrus_references(pairs_from_folder(root))
     assert report["pairs"] == 2 and report["landmarks"] == 4
     assert report["tre_centres_aligned_median_mm"] == pytest.approx(3 * image.GetSpacing()[0], abs=1e-3)
     assert report["tre_gland_centroid_shift_median_mm"] < 1e-3
+    for fitted in report["gland_label_registration"].values():
+        assert fitted["tre_median_mm"] < 0.25 * image.GetSpacing()[0] and fitted["dice_median"] > 0.95, fitted
     assert all(np.isfinite(v) and v >= 0 for v in report["landmark_contrast_median"].values())
 
 

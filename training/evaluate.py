@@ -3,6 +3,7 @@
     python -m training.evaluate --model PATH --kind mrus     [--iterations 0 50] [--json OUT]
     python -m training.evaluate --model PATH --kind generic  [--iterations 0 40] [--json OUT]
     python -m training.evaluate --kind mrus-references                            [--json OUT]
+    (mrus kinds: [--split held-out|training] [--max-pairs N])
 
 ``mrus``: the held-out mrus_sim pairs of the training split (config seed and size), centres
 aligned first; median landmark-centroid TRE, median gland Dice, folding. ``generic``: the
@@ -30,7 +31,7 @@ from DeepRegisterLib.registration import register
 from DeepRegisterLib.spatial import Grid
 from DeepRegisterLib.synthetic import DeformedPair, deformed_pair
 
-from .data import label_centroids, pairs_from_folder, split
+from .data import PairFiles, label_centroids, pairs_from_folder, split
 from .public_volumes import fetch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,21 +52,58 @@ def blob_contrast(image: np.ndarray, blob: np.ndarray, gland: np.ndarray) -> flo
     return float(abs(image[blob].mean() - image[shell].mean()) / max(image[gland].std(), 1e-6))
 
 
-def mrus_references(data: Path, held_out: int, seed: int) -> dict:
-    """What the held-out pairs allow without a model: landmark TRE (mm) after aligning the image
-    centres (where registration starts) and after translating by the gland-centroid offset (the
-    gland's own position, known exactly); and the landmarks' visibility (:func:`blob_contrast`) in
-    each image, against the same blobs shifted by up to 6 voxels (seeded), i.e. no structure."""
-    _, pairs = split(pairs_from_folder(data), held_out, seed)
+def gland_label_registration(fixed_labels: sitk.Image, moving_labels: sitk.Image, initial: sitk.Transform
+                             ) -> dict[str, sitk.Transform]:
+    """Fixed -> moving transforms fitted to the gland LABELS themselves (channel 0, smoothed by
+    sigma 2 mm, mean squares, SimpleITK): "affine", then "affine + B-spline" (4^3 mesh, L-BFGS-B)
+    on top of it. What aligning the visible organ exactly would give; no image is used."""
+    fixed = sitk.SmoothingRecursiveGaussian(sitk.Cast(fixed_labels[:, :, :, 0], sitk.sitkFloat32), 2.0)
+    moving = sitk.SmoothingRecursiveGaussian(sitk.Cast(moving_labels[:, :, :, 0], sitk.sitkFloat32), 2.0)
+    affine = sitk.AffineTransform(3)
+    center = fixed.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in fixed.GetSize()])
+    affine.SetCenter(center)
+    affine.SetTranslation((np.asarray(initial.TransformPoint(center)) - center).tolist())  # starts at ``initial``
+    method = sitk.ImageRegistrationMethod()
+    method.SetMetricAsMeanSquares()
+    method.SetInterpolator(sitk.sitkLinear)
+    method.SetOptimizerAsRegularStepGradientDescent(1.0, 1e-3, 100)
+    method.SetOptimizerScalesFromPhysicalShift()
+    method.SetShrinkFactorsPerLevel([2, 1])
+    method.SetSmoothingSigmasPerLevel([1, 0])
+    method.SetInitialTransform(affine, inPlace=True)
+    method.Execute(fixed, moving)
+    bspline = sitk.BSplineTransformInitializer(fixed, [4, 4, 4])
+    method = sitk.ImageRegistrationMethod()
+    method.SetMetricAsMeanSquares()
+    method.SetInterpolator(sitk.sitkLinear)
+    method.SetOptimizerAsLBFGSB(1e-5, 50)
+    method.SetMovingInitialTransform(affine)
+    method.SetInitialTransform(bspline, inPlace=True)
+    method.Execute(fixed, moving)
+    return {"affine": affine, "affine + B-spline": sitk.CompositeTransform([affine, bspline])}
+
+
+def mrus_references(pairs: list[PairFiles]) -> dict:
+    """What the pairs allow without a model: landmark TRE (mm) after aligning the image centres
+    (where registration starts), after translating by the gland-centroid offset and after
+    :func:`gland_label_registration` (the gland's own position and shape, known exactly), with
+    the gland Dice of the latter; and the landmarks' visibility (:func:`blob_contrast`) in each
+    image, against the same blobs shifted by up to 6 voxels (seeded), i.e. no structure."""
     rng = np.random.default_rng(0)
     centred, gland_shift, contrast = [], [], {"fixed": [], "moving": [], "fixed shifted": [], "moving shifted": []}
+    fitted: dict[str, list[float]] = {}
+    fitted_dice: dict[str, list[float]] = {}
     for pair in pairs:
         fixed_labels, moving_labels = sitk.ReadImage(str(pair.fixed_labels)), sitk.ReadImage(str(pair.moving_labels))
         fixed_points, moving_points = centroids(fixed_labels), centroids(moving_labels)
-        centred += tre(fixed_points, moving_points, center_alignment(sitk.ReadImage(str(pair.fixed)),
-                                                                     sitk.ReadImage(str(pair.moving)))).tolist()
+        centres = center_alignment(sitk.ReadImage(str(pair.fixed)), sitk.ReadImage(str(pair.moving)))
+        centred += tre(fixed_points, moving_points, centres).tolist()
         offset = centroids(moving_labels, slice(0, 1))[0] - centroids(fixed_labels, slice(0, 1))[0]
         gland_shift += tre(fixed_points, moving_points, sitk.TranslationTransform(3, offset.tolist())).tolist()
+        for name, transform in gland_label_registration(fixed_labels, moving_labels, centres).items():
+            fitted.setdefault(name, []).extend(tre(fixed_points, moving_points, transform).tolist())
+            fitted_dice.setdefault(name, []).append(
+                dice_per_label(fixed_labels[:, :, :, 0], moving_labels[:, :, :, 0], transform)["label 1"])
         for side, path, labels in (("fixed", pair.fixed, fixed_labels), ("moving", pair.moving, moving_labels)):
             image = sitk.GetArrayFromImage(sitk.ReadImage(str(path), sitk.sitkFloat32))
             masks = sitk.GetArrayFromImage(labels) > 0.5  # (C, Z, Y, X)
@@ -79,11 +117,13 @@ def mrus_references(data: Path, held_out: int, seed: int) -> dict:
     return {"pairs": len(pairs), "landmarks": len(finite(centred)),
             "tre_centres_aligned_median_mm": float(np.median(finite(centred))),
             "tre_gland_centroid_shift_median_mm": float(np.median(finite(gland_shift))),
+            "gland_label_registration": {name: {"tre_median_mm": float(np.median(finite(errors))),
+                                                "dice_median": float(np.median(fitted_dice[name]))}
+                                         for name, errors in fitted.items()},
             "landmark_contrast_median": {side: float(np.median(v)) for side, v in contrast.items()}}
 
 
-def evaluate_mrus(model: str, iterations: int, data: Path, held_out: int, seed: int) -> dict:
-    _, pairs = split(pairs_from_folder(data), held_out, seed)
+def evaluate_mrus(model: str, iterations: int, pairs: list[PairFiles]) -> dict:
     errors, dices, folds, seconds = [], [], [], []
     for pair in pairs:
         fixed, moving = sitk.ReadImage(str(pair.fixed)), sitk.ReadImage(str(pair.moving))
@@ -138,10 +178,15 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "mrus_sim")
     parser.add_argument("--validation-pairs", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--split", choices=["held-out", "training"], default="held-out",
+                        help="mrus kinds: the held-out pairs (default) or the training pairs")
+    parser.add_argument("--max-pairs", type=int, help="mrus kinds: only the first N pairs of the split")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    training_pairs, held_out_pairs = split(pairs_from_folder(args.data), args.validation_pairs, args.seed)
+    pairs = (held_out_pairs if args.split == "held-out" else training_pairs)[:args.max_pairs]
     if args.kind == "mrus-references":
-        report = mrus_references(args.data, args.validation_pairs, args.seed)
+        report = mrus_references(pairs)
         print(json.dumps(report), flush=True)
         if args.json:
             args.json.write_text(json.dumps(report, indent=2))
@@ -149,7 +194,7 @@ def main() -> None:
     report = {}
     for iterations in args.iterations:
         if args.kind == "mrus":
-            report[iterations] = evaluate_mrus(args.model, iterations, args.data, args.validation_pairs, args.seed)
+            report[iterations] = evaluate_mrus(args.model, iterations, pairs)
         else:
             report[iterations] = evaluate_generic(args.model, iterations)
         print(json.dumps({"iterations": iterations, **report[iterations]}), flush=True)
