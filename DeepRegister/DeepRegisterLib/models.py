@@ -45,7 +45,7 @@ class ModelCard:
     finetune_metric: str = "mi"
     finetune_iterations: int = 0  # default fine-tuning steps after the network's prediction
     finetune_step_mm: float = 0.05  # Adam step (mm) of the local field's control points at the finest level
-    finetune_samples: int = 24576  # MI samples per fine-tuning step (fewer for many cheap steps: generic)
+    finetune_samples: int = 24576  # MI samples per fine-tuning step (more: a less noisy gradient, a slower step)
     saliency_sigma_mm: float = 1.5
     training: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)

@@ -40,6 +40,7 @@ CONTROL_DIVISIONS = (4, 8)  # velocity control-point spacings = the grid's longe
 VELOCITY_SQUARINGS = 2  # scaling and squaring steps of the fine-tuning velocity (12 dev ultrasound-like pairs: 4 and 2 the same TRE, 2 is 7 % faster)
 FINAL_STEP_SCALE = 0.2  # Adam's step sizes fall linearly to this fraction over each level
 COARSE_FRACTION = 0.25  # fine-tuning steps on the half-resolution level (dev ultrasound-like pairs: 0.5 -> 0.31 mm, 0.25: 0.29)
+COARSE_SAMPLE_FRACTION = 0.5  # of the MI samples on that level (generic at 128^3: stride 3 instead of 2, 13 % less fine-tuning time, the same TRE on 12 dev pairs x 2 seeds)
 
 
 class RegistrationCancelled(RuntimeError):
@@ -80,7 +81,7 @@ def instance_card() -> ModelCard:
     """The settings used when no trained model is given (fine-tuning from the identity)."""
     return ModelCard(name="none", description="No network: fine-tuning on the pair from the identity.",
                      architecture="", config={}, input_size=[FINETUNE_GRID_VOXELS] * 3, spacing_mm=[0.0] * 3,
-                     finetune_step_mm=0.3, finetune_samples=16384)  # as the generic card's steps from ~0
+                     finetune_step_mm=0.3, finetune_samples=16384)  # 150 steps from the identity (generic: 100 of 32768)
 
 
 def finetune_grid(fixed: sitk.Image) -> Grid:
@@ -314,8 +315,9 @@ def fine_tune(pyramid: Pyramid, initial: torch.Tensor, iterations: int,
     current alignment (recomputed at the start and the middle of each level, on the saliency
     grid), plus bending energy of the correction. ``field_step_mm``: Adam's step for the local
     field's control points (mm, doubled on the coarse level); small for a few steps from a good
-    network prediction. ``samples``: about this many MI samples per step (the stride is the
-    nearest integer to the cube root of the level's voxels / ``samples``).
+    network prediction. ``samples``: about this many MI samples per step on the finest level,
+    COARSE_SAMPLE_FRACTION of them on the coarse one (the stride is the nearest integer to the
+    cube root of the level's voxels / those samples).
     """
     if metric not in ("mi", "lncc"):
         raise InputError(f"Unknown fine-tuning metric '{metric}': use 'mi' or 'lncc'.")
@@ -334,7 +336,8 @@ def fine_tune(pyramid: Pyramid, initial: torch.Tensor, iterations: int,
         level_initial = spatial.resample_field(initial, grid, level_grid) if factor > 1 else initial
         points = spatial.physical_points(level_grid, device=device)[None]  # (1, Z, Y, X, 3)
         # MI samples: a strided subgrid of about ``samples`` voxels at a random offset each step
-        stride = max(1, round((math.prod(level_grid.size) / samples) ** (1.0 / 3.0)))
+        level_samples = samples * (COARSE_SAMPLE_FRACTION if factor > 1 else 1.0)
+        stride = max(1, round((math.prod(level_grid.size) / level_samples) ** (1.0 / 3.0)))
         optimizer = Adam([([deformation.matrix], MATRIX_LR), ([deformation.translation], TRANSLATION_LR * factor),
                           (list(deformation.fields), field_step_mm * factor)])
         small_grid = pyramid.saliency_level(factor)[2]
