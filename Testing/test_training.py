@@ -24,7 +24,7 @@ import SimpleITK as sitk
 yaml = pytest.importorskip("yaml")
 torch = pytest.importorskip("torch")
 
-from DeepRegisterLib.models import load_model  # noqa: E402
+from DeepRegisterLib.models import ModelError, load_model  # noqa: E402
 from DeepRegisterLib.nets import build_network  # noqa: E402
 from DeepRegisterLib.registration import register  # noqa: E402
 from DeepRegisterLib.synthetic import make_phantom_pair  # noqa: E402
@@ -302,7 +302,7 @@ def test_initialize_starts_from_a_shipped_model() -> None:
     train.initialize(network, {"network": "mrus"})
     for key, value in shipped.state_dict().items():
         assert torch.equal(network.state_dict()[key], value), key
-    with pytest.raises(Exception, match="No model named"):
+    with pytest.raises(ModelError, match="No model named"):
         train.initialize(network, {"network": "no-such-model"})
 
 

@@ -59,13 +59,18 @@ def gland_label_registration(fixed_labels: sitk.Image, moving_labels: sitk.Image
     on top of it. What aligning the visible organ exactly would give; no image is used."""
     fixed = sitk.SmoothingRecursiveGaussian(sitk.Cast(fixed_labels[:, :, :, 0], sitk.sitkFloat32), 2.0)
     moving = sitk.SmoothingRecursiveGaussian(sitk.Cast(moving_labels[:, :, :, 0], sitk.sitkFloat32), 2.0)
+
+    def mean_squares() -> sitk.ImageRegistrationMethod:
+        method = sitk.ImageRegistrationMethod()
+        method.SetMetricAsMeanSquares()
+        method.SetInterpolator(sitk.sitkLinear)
+        return method
+
     affine = sitk.AffineTransform(3)
     center = fixed.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in fixed.GetSize()])
     affine.SetCenter(center)
     affine.SetTranslation((np.asarray(initial.TransformPoint(center)) - center).tolist())  # starts at ``initial``
-    method = sitk.ImageRegistrationMethod()
-    method.SetMetricAsMeanSquares()
-    method.SetInterpolator(sitk.sitkLinear)
+    method = mean_squares()
     method.SetOptimizerAsRegularStepGradientDescent(1.0, 1e-3, 100)
     method.SetOptimizerScalesFromPhysicalShift()
     method.SetShrinkFactorsPerLevel([2, 1])
@@ -73,9 +78,7 @@ def gland_label_registration(fixed_labels: sitk.Image, moving_labels: sitk.Image
     method.SetInitialTransform(affine, inPlace=True)
     method.Execute(fixed, moving)
     bspline = sitk.BSplineTransformInitializer(fixed, [4, 4, 4])
-    method = sitk.ImageRegistrationMethod()
-    method.SetMetricAsMeanSquares()
-    method.SetInterpolator(sitk.sitkLinear)
+    method = mean_squares()
     method.SetOptimizerAsLBFGSB(1e-5, 50)
     method.SetMovingInitialTransform(affine)
     method.SetInitialTransform(bspline, inPlace=True)
@@ -183,8 +186,10 @@ def main() -> None:
     parser.add_argument("--max-pairs", type=int, help="mrus kinds: only the first N pairs of the split")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    training_pairs, held_out_pairs = split(pairs_from_folder(args.data), args.validation_pairs, args.seed)
-    pairs = (held_out_pairs if args.split == "held-out" else training_pairs)[:args.max_pairs]
+    pairs: list[PairFiles] = []
+    if args.kind != "generic":
+        training_pairs, held_out_pairs = split(pairs_from_folder(args.data), args.validation_pairs, args.seed)
+        pairs = (held_out_pairs if args.split == "held-out" else training_pairs)[:args.max_pairs]
     if args.kind == "mrus-references":
         report = mrus_references(pairs)
         print(json.dumps(report), flush=True)

@@ -24,7 +24,7 @@ import torch.distributed as dist
 import yaml
 
 from DeepRegisterLib.cli import ProgressBar
-from DeepRegisterLib.models import WEIGHTS_FILE, ModelCard, find_model, save_model
+from DeepRegisterLib.models import WEIGHTS_FILE, ModelCard, find_model, read_weights, save_model
 from DeepRegisterLib.nets import build_network
 from DeepRegisterLib.spatial import Grid, folding_percent, warp
 
@@ -91,13 +91,11 @@ def load_pairs(config: dict, data_override: str | None) -> tuple[list[PreparedPa
 
 def pretrained_state(source: str) -> dict[str, torch.Tensor]:
     """Weights from a training checkpoint (``.pt``, read with ``weights_only``) or from a shipped
-    model (its name, folder or ``.safetensors`` file); no code is ever unpickled."""
-    from safetensors.torch import load_file
-
+    model (its name, folder or ``.safetensors`` file; :func:`read_weights`); no code is ever unpickled."""
     if source.endswith(".safetensors"):
-        return load_file(str(_resolve(source)), device="cpu")
+        return read_weights(_resolve(source), source)
     if not source.endswith(".pt"):
-        return load_file(str(find_model(source) / WEIGHTS_FILE), device="cpu")
+        return read_weights(find_model(source) / WEIGHTS_FILE, source)
     state = torch.load(_resolve(source), map_location="cpu", weights_only=True)
     return state.get("model", state)
 

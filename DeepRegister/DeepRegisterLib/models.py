@@ -117,11 +117,22 @@ def find_model(name_or_path: str | os.PathLike) -> Path:
     raise ModelError(f"No model named or found at '{name_or_path}'. Known models: {known}.")
 
 
-def load_model(name_or_path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[ModelCard, torch.nn.Module]:
-    """Load a model's card and network in eval mode (weights only, never pickled code)."""
+def read_weights(weights: Path, name: str) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors weights file (on the CPU; safetensors holds no code), or a
+    :class:`ModelError` naming model ``name`` when the file is missing or corrupt."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    if not weights.is_file():
+        raise ModelError(f"Model '{name}' has no weights file {weights}.")
+    try:
+        return load_file(str(weights), device="cpu")
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ModelError(f"Weights of model '{name}' ({weights}) are corrupt: {error}.") from None
+
+
+def load_model(name_or_path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[ModelCard, torch.nn.Module]:
+    """Load a model's card and network in eval mode (weights only, never pickled code)."""
     from .nets import build_network
 
     folder = find_model(name_or_path)
@@ -130,13 +141,7 @@ def load_model(name_or_path: str | os.PathLike, device: torch.device | str = "cp
         network = build_network(card.architecture, tuple(card.input_size), tuple(card.spacing_mm), **card.config)
     except (ValueError, TypeError) as error:
         raise ModelError(f"Model '{card.name}' asks for an unsupported network ({error}).") from None
-    weights = folder / WEIGHTS_FILE
-    if not weights.is_file():
-        raise ModelError(f"Model '{card.name}' has no weights file {weights}.")
-    try:
-        state = load_file(str(weights), device="cpu")
-    except (SafetensorError, OSError, ValueError) as error:
-        raise ModelError(f"Weights of model '{card.name}' ({weights}) are corrupt: {error}.") from None
+    state = read_weights(folder / WEIGHTS_FILE, card.name)
     try:
         network.load_state_dict(state, strict=True)
     except RuntimeError as error:
