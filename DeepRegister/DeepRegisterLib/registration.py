@@ -334,7 +334,9 @@ def fine_tune(pyramid: Pyramid, initial: torch.Tensor, iterations: int,
             continue
         level_fixed, level_moving, level_grid = pyramid.level(factor)
         level_initial = spatial.resample_field(initial, grid, level_grid) if factor > 1 else initial
-        points = spatial.physical_points(level_grid, device=device)[None]  # (1, Z, Y, X, 3)
+        # grid_sample coordinates of the voxels mapped by the initial field, and their change per mm
+        per_mm = spatial.normalized_per_mm(level_grid, device=device)
+        initial_coordinates = spatial.identity_coordinates(level_grid, device) + level_initial.permute(0, 2, 3, 4, 1) @ per_mm
         # MI samples: a strided subgrid of about ``samples`` voxels at a random offset each step
         level_samples = samples * (COARSE_SAMPLE_FRACTION if factor > 1 else 1.0)
         stride = max(1, round((math.prod(level_grid.size) / level_samples) ** (1.0 / 3.0)))
@@ -343,7 +345,7 @@ def fine_tune(pyramid: Pyramid, initial: torch.Tensor, iterations: int,
         small_grid = pyramid.saliency_level(factor)[2]
         small_initial = spatial.resample_field(initial, grid, small_grid)
         for step in range(steps):
-            if step in (0, steps // 2):  # saliency of the current alignment, twice per level
+            if step == 0:  # saliency of the alignment each level starts from (once: the same TRE as twice)
                 with torch.no_grad():
                     saliency = pyramid.joint_saliency(factor, small_initial + deformation.displacement_on(small_grid))
                     weight_map = 1.0 + F.interpolate(saliency, size=level_grid.shape, mode="trilinear",
@@ -352,15 +354,14 @@ def fine_tune(pyramid: Pyramid, initial: torch.Tensor, iterations: int,
             if metric == "mi":
                 ox, oy, oz = torch.randint(0, stride, (3,), generator=generator, device=device).tolist()
                 voxels = (..., slice(oz, None, stride), slice(oy, None, stride), slice(ox, None, stride))
-                displacement = level_initial[voxels] + deformation.displacement_on(level_grid.strided((ox, oy, oz), stride))
-                mapped = points[voxels + (slice(None),)] + displacement.permute(0, 2, 3, 4, 1)
-                inside = (spatial.normalized_coordinates(mapped, level_grid).abs() <= 1).all(dim=-1).float()
-                values = spatial.sample(level_moving, mapped, level_grid)
+                correction = deformation.displacement_on(level_grid.strided((ox, oy, oz), stride))
+                coordinates = initial_coordinates[voxels + (slice(None),)] + correction.permute(0, 2, 3, 4, 1) @ per_mm
+                inside = (coordinates.abs() <= 1).all(dim=-1).float()
+                values = spatial.sample_normalized(level_moving, coordinates)
                 similarity = mutual_information_loss(level_fixed[voxels], values, weight=weight_map[voxels] * inside)
             else:
-                field = level_initial + deformation.displacement_on(level_grid)
-                warped = spatial.sample(level_moving, points + field.permute(0, 2, 3, 4, 1), level_grid,
-                                        padding_mode="border")
+                coordinates = initial_coordinates + deformation.displacement_on(level_grid).permute(0, 2, 3, 4, 1) @ per_mm
+                warped = spatial.sample_normalized(level_moving, coordinates, padding_mode="border")
                 similarity = lncc_loss(level_fixed, warped, weight=weight_map)
             loss = similarity + BENDING_WEIGHT * deformation.regularization()
             loss.backward()

@@ -125,11 +125,28 @@ def normalized_coordinates(points: torch.Tensor, grid: Grid) -> torch.Tensor:
 
     The result is in [-1, 1] inside the grid (``align_corners=True``), last axis (x, y, z).
     """
-    inverse = torch.as_tensor(np.linalg.inv(grid.index_to_physical), dtype=points.dtype, device=points.device)
     origin = torch.as_tensor(grid.origin, dtype=points.dtype, device=points.device)
-    index = (points - origin) @ inverse.T
-    size = torch.as_tensor(grid.size, dtype=points.dtype, device=points.device)
-    return 2.0 * index / (size - 1).clamp(min=1) - 1.0
+    return (points - origin) @ normalized_per_mm(grid, points.dtype, points.device) - 1.0
+
+
+def normalized_per_mm(grid: Grid, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The (3, 3) matrix ``M`` with ``normalized_coordinates(p + u) = normalized_coordinates(p) + u @ M``
+    for displacements ``u`` (..., 3) in mm (x, y, z): the change of ``grid_sample`` coordinates per mm."""
+    inverse = np.linalg.inv(grid.index_to_physical)
+    scale = 2.0 / np.maximum(np.asarray(grid.size, dtype=float) - 1.0, 1.0)
+    return torch.as_tensor(inverse.T * scale[None, :], dtype=dtype, device=device)
+
+
+def identity_coordinates(grid: Grid, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``grid_sample`` coordinates (1, Z, Y, X, 3) of the grid's own voxels: what
+    :func:`normalized_coordinates` gives for :func:`physical_points`, without the physical points."""
+    return F.affine_grid(torch.eye(3, 4, device=device)[None], (1, 1, *grid.shape), align_corners=True)
+
+
+def sample_normalized(image: torch.Tensor, coordinates: torch.Tensor, mode: str = "bilinear",
+                      padding_mode: str = "zeros") -> torch.Tensor:
+    """Interpolate ``image`` (B, C, Z, Y, X) at ``grid_sample`` coordinates (B, *S, 3) -> (B, C, *S)."""
+    return F.grid_sample(image, coordinates, mode=mode, padding_mode=padding_mode, align_corners=True)
 
 
 def sample(image: torch.Tensor, points: torch.Tensor, grid: Grid, mode: str = "bilinear",
@@ -138,8 +155,7 @@ def sample(image: torch.Tensor, points: torch.Tensor, grid: Grid, mode: str = "b
 
     ``S`` is any 3D arrangement of points; ``mode`` "bilinear" is trilinear interpolation.
     """
-    normalized = normalized_coordinates(points, grid)
-    return F.grid_sample(image, normalized, mode=mode, padding_mode=padding_mode, align_corners=True)
+    return sample_normalized(image, normalized_coordinates(points, grid), mode, padding_mode)
 
 
 def warp(image: torch.Tensor, displacement: torch.Tensor, grid: Grid, image_grid: Grid | None = None,
