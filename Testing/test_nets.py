@@ -86,6 +86,25 @@ def test_localnet_sizes_not_divisible_by_levels(size: tuple[int, int, int]) -> N
     assert net.predict(torch.randn(1, 2, *shape)).shape == (1, 3, *shape)
 
 
+@pytest.mark.parametrize("name", ["GlobalToLocal", "LocalNet"])
+def test_register_pair_equals_the_forward_pass(name: str) -> None:
+    """One pair through register_pair (on the CPU a batch of two, for oneDNN's convolution) gives
+    the displacement of the plain forward pass of that pair."""
+    net = build_network(name, SIZE, SPACING, **SMALL[name]).eval()
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for parameter in net.parameters():  # random weights: an initialised network predicts ~0
+            parameter.copy_(0.05 * torch.randn(parameter.shape, generator=generator))
+    fixed, moving = _images()
+    with torch.no_grad():
+        expected = net(fixed[:1], moving[:1])["displacement"]
+    scale = float(expected.abs().max())
+    assert scale > 0.01
+    displacement = net.register_pair(fixed[:1], moving[:1])
+    assert displacement.shape == expected.shape and not displacement.requires_grad
+    torch.testing.assert_close(displacement, expected, atol=1e-5 * scale, rtol=0)  # float32 summation order
+
+
 @pytest.mark.parametrize("name", ["GlobalNet", "LinearDeformable"])
 def test_exact_identity_at_init(name: str) -> None:
     net = build_network(name, SIZE, SPACING, **SMALL[name])

@@ -92,6 +92,24 @@ def test_normalized_coordinates_move_by_displacements_times_per_mm_matrix() -> N
     torch.testing.assert_close(sampled[inside], (points + field)[..., 1][inside], atol=1e-5, rtol=0)
 
 
+def test_sample_normalized_splits_points_over_threads_with_the_same_values_and_gradients() -> None:
+    generator = torch.Generator().manual_seed(5)
+    image = torch.rand(1, 2, 12, 15, 17, generator=generator, dtype=torch.float64, requires_grad=True)
+    coordinates = (2.2 * torch.rand(1, 11, 19, 23, 3, generator=generator, dtype=torch.float64) - 1.1).requires_grad_(True)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)  # 4807 points: not a multiple of 3, so the last batch is padded
+        values = spatial.sample_normalized(image, coordinates, padding_mode="border")
+        gradients = torch.autograd.grad((values * values).sum(), (image, coordinates))
+    finally:
+        torch.set_num_threads(threads)
+    expected = torch.nn.functional.grid_sample(image, coordinates, padding_mode="border", align_corners=True)
+    expected_gradients = torch.autograd.grad((expected * expected).sum(), (image, coordinates))
+    torch.testing.assert_close(values, expected, atol=1e-12, rtol=0)
+    for gradient, reference in zip(gradients, expected_gradients):
+        torch.testing.assert_close(gradient, reference, atol=1e-10, rtol=0)
+
+
 def test_warp_moves_points_where_transform_says() -> None:
     """The value sampled at a fixed voxel is the moving image at p + u(p)."""
     field = smooth_field(FIXED, seed=3)

@@ -164,7 +164,7 @@ def validate(network: torch.nn.Module, pairs: list[PreparedPair], grid: Grid, de
             errors += (displacement - batch["field"]).norm(dim=1)[0][inside].cpu().tolist()
             folds.append(folding_percent(displacement.cpu(), grid))
             continue
-        displacement = network(pair.fixed[None].to(device), pair.moving[None].to(device))["displacement"].float().cpu()
+        displacement = network.register_pair(pair.fixed[None].to(device), pair.moving[None].to(device)).float().cpu()
         folds.append(folding_percent(displacement, grid))
         if pair.fixed_labels is None:
             continue

@@ -54,8 +54,9 @@ class _MattesMutualInformation(torch.autograd.Function):
     @staticmethod
     def forward(ctx, fixed: torch.Tensor, warped: torch.Tensor, weight: torch.Tensor, bins: int) -> torch.Tensor:
         columns = bins + 4  # two padding bins each side: every window lies inside, so each sums to 1
-        fixed_bin = (fixed.reshape(-1).clamp(0, 1) * (bins - 1)).round().long()
-        position = warped.reshape(-1).clamp(0, 1) * (bins - 1) + 2.0
+        dtype = torch.promote_types(warped.dtype, torch.float32)  # half precision (AMP) counts in float32
+        fixed_bin = (fixed.reshape(-1).to(dtype).clamp(0, 1) * (bins - 1)).round().long()
+        position = warped.reshape(-1).to(dtype).clamp(0, 1) * (bins - 1) + 2.0
         first = position.floor()
         t = position - first
         u = 1.0 - t
@@ -63,7 +64,7 @@ class _MattesMutualInformation(torch.autograd.Function):
         windows = torch.stack([u * u * u, 3 * t3 - 6 * t2 + 4, -3 * t3 + 3 * t2 + 3 * t + 1, t3], dim=1) / 6.0
         slopes = torch.stack([-0.5 * u * u, 1.5 * t2 - 2 * t, -1.5 * t2 + t + 0.5, 0.5 * t2], dim=1)  # per bin
         index = (fixed_bin * columns + first.long() - 1)[:, None] + torch.arange(4, device=fixed.device)
-        mass = weight.reshape(-1)
+        mass = weight.reshape(-1).to(position.dtype)
         total = mass.sum().clamp(min=1e-12)
         joint = torch.bincount(index.reshape(-1), (windows * mass[:, None]).reshape(-1),
                                minlength=bins * columns).view(bins, columns) / total
@@ -75,14 +76,14 @@ class _MattesMutualInformation(torch.autograd.Function):
         # i alone cancel, as each sample's windows sum to 1 whatever its value; clamped values get none
         inside = (warped.reshape(-1) >= 0) & (warped.reshape(-1) <= 1)
         ctx.save_for_backward(index, slopes * (mass * inside)[:, None], log_conditional, total)
-        ctx.shape, ctx.bins = warped.shape, bins
+        ctx.shape, ctx.dtype, ctx.bins = warped.shape, warped.dtype, bins
         return -mutual
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         index, slopes, log_conditional, total = ctx.saved_tensors
         per_sample = (log_conditional.reshape(-1)[index] * slopes).sum(dim=1)
-        return None, (-grad * (ctx.bins - 1) / total * per_sample).view(ctx.shape), None, None
+        return None, (-grad * (ctx.bins - 1) / total * per_sample).view(ctx.shape).to(ctx.dtype), None, None
 
 
 def mutual_information_loss(fixed: torch.Tensor, warped: torch.Tensor, bins: int = 32,

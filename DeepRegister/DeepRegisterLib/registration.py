@@ -350,15 +350,21 @@ def fine_tune(pyramid: Pyramid, initial: torch.Tensor, iterations: int,
                     saliency = pyramid.joint_saliency(factor, small_initial + deformation.displacement_on(small_grid))
                     weight_map = 1.0 + F.interpolate(saliency, size=level_grid.shape, mode="trilinear",
                                                      align_corners=True)
+                subgrids: dict[tuple[int, int, int], tuple[Grid, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
             optimizer.zero_grad()
             if metric == "mi":
-                ox, oy, oz = torch.randint(0, stride, (3,), generator=generator, device=device).tolist()
-                voxels = (..., slice(oz, None, stride), slice(oy, None, stride), slice(ox, None, stride))
-                correction = deformation.displacement_on(level_grid.strided((ox, oy, oz), stride))
-                coordinates = initial_coordinates[voxels + (slice(None),)] + correction.permute(0, 2, 3, 4, 1) @ per_mm
-                inside = (coordinates.abs() <= 1).all(dim=-1).float()
+                offset = tuple(torch.randint(0, stride, (3,), generator=generator, device=device).tolist())
+                if offset not in subgrids:  # each subgrid's fixed values, weights and start coordinates, gathered once
+                    ox, oy, oz = offset
+                    voxels = (..., slice(oz, None, stride), slice(oy, None, stride), slice(ox, None, stride))
+                    subgrids[offset] = (level_grid.strided(offset, stride), level_fixed[voxels].contiguous(),
+                                        weight_map[voxels].contiguous(), initial_coordinates[voxels + (slice(None),)].contiguous())
+                subgrid, subgrid_fixed, subgrid_weight, subgrid_coordinates = subgrids[offset]
+                correction = deformation.displacement_on(subgrid)
+                coordinates = subgrid_coordinates + correction.permute(0, 2, 3, 4, 1) @ per_mm
+                inside = (coordinates.abs() <= 1).all(dim=-1)
                 values = spatial.sample_normalized(level_moving, coordinates)
-                similarity = mutual_information_loss(level_fixed[voxels], values, weight=weight_map[voxels] * inside)
+                similarity = mutual_information_loss(subgrid_fixed, values, weight=subgrid_weight * inside)
             else:
                 coordinates = initial_coordinates + deformation.displacement_on(level_grid).permute(0, 2, 3, 4, 1) @ per_mm
                 warped = spatial.sample_normalized(level_moving, coordinates, padding_mode="border")
@@ -450,8 +456,7 @@ def _register(fixed: sitk.Image, moving: sitk.Image, model: str | None, device: 
     initial = torch.zeros(1, 3, *tune_grid.shape, device=device)
     network_field = None  # the network's displacement (1, 3, Z, Y, X) in mm on its grid
     if network is not None:
-        with torch.no_grad():
-            canonical = network(*inputs.on(grid, device))["displacement"]
+        canonical = network.register_pair(*inputs.on(grid, device))
         direction = torch.as_tensor(np.reshape(grid.direction, (3, 3)), dtype=canonical.dtype, device=device)
         network_field = torch.einsum("ij,bjzyx->bizyx", direction, canonical)
         initial = spatial.resample_field(network_field, grid, tune_grid)

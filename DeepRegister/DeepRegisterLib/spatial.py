@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import math
+
 import numpy as np
 import SimpleITK as sitk
 import torch
@@ -145,8 +147,23 @@ def identity_coordinates(grid: Grid, device: torch.device | str = "cpu") -> torc
 
 def sample_normalized(image: torch.Tensor, coordinates: torch.Tensor, mode: str = "bilinear",
                       padding_mode: str = "zeros") -> torch.Tensor:
-    """Interpolate ``image`` (B, C, Z, Y, X) at ``grid_sample`` coordinates (B, *S, 3) -> (B, C, *S)."""
-    return F.grid_sample(image, coordinates, mode=mode, padding_mode=padding_mode, align_corners=True)
+    """Interpolate ``image`` (B, C, Z, Y, X) at ``grid_sample`` coordinates (B, *S, 3) -> (B, C, *S).
+
+    On a CPU with several threads a single image's points are split into one batch per thread
+    (the image expanded, not copied): PyTorch's 3D ``grid_sample`` runs its batch in parallel
+    but each batch on one thread (2 threads: forward and backward 2x faster, the same values).
+    """
+    threads = torch.get_num_threads()
+    points = math.prod(coordinates.shape[1:-1])
+    if image.device.type != "cpu" or image.shape[0] != 1 or threads < 2 or points < 4096:
+        return F.grid_sample(image, coordinates, mode=mode, padding_mode=padding_mode, align_corners=True)
+    flat = coordinates.reshape(-1, 3)
+    per_batch = -(-points // threads)
+    flat = F.pad(flat, (0, 0, 0, per_batch * threads - points))  # padding points sample the centre
+    values = F.grid_sample(image.expand(threads, -1, -1, -1, -1), flat.view(threads, per_batch, 1, 1, 3), mode=mode,
+                           padding_mode=padding_mode, align_corners=True)  # (threads, C, per_batch, 1, 1)
+    values = values.movedim(0, 1).reshape(image.shape[1], -1)[:, :points]
+    return values.reshape(1, image.shape[1], *coordinates.shape[1:-1])
 
 
 def sample(image: torch.Tensor, points: torch.Tensor, grid: Grid, mode: str = "bilinear",
@@ -351,7 +368,7 @@ def folding_percent(displacement: torch.Tensor, grid: Grid) -> float:
 
 def displacement_to_sitk(displacement: torch.Tensor, grid: Grid) -> sitk.Image:
     """One displacement (1, 3, Z, Y, X) in mm to a float64 vector image with ``grid``'s geometry."""
-    array = displacement[0].detach().permute(1, 2, 3, 0).cpu().numpy().astype(np.float64)
+    array = displacement[0].detach().permute(1, 2, 3, 0).to("cpu", torch.float64).contiguous().numpy()
     return grid.place(sitk.GetImageFromArray(array, isVector=True))
 
 
