@@ -84,6 +84,12 @@ def instance_card() -> ModelCard:
                      finetune_step_mm=0.3, finetune_samples=16384)  # 150 steps from the identity (generic: 100 of 32768)
 
 
+def _steps_covering(length: float, step: float) -> int:
+    """How many ``step``s cover ``length`` (mm), ignoring float rounding: an image whose spacing
+    differs in the 16th digit (as after a round trip through Slicer) gets the same grids."""
+    return int(math.ceil(length / step - 1e-6))
+
+
 def finetune_grid(fixed: sitk.Image) -> Grid:
     """The grid of fine-tuning and of the saliency map: the fixed image's extent and direction,
     isotropic, at most FINETUNE_GRID_VOXELS along its longest side and never finer than the
@@ -100,7 +106,7 @@ def model_grid(fixed: sitk.Image, card: ModelCard) -> Grid:
         return Grid.centered(grid.center, tuple(card.input_size), tuple(card.spacing_mm), grid.direction)
     extent = (np.asarray(grid.size) - 1) * np.asarray(grid.spacing)
     step = max(float(extent.max()) / (max(card.input_size) - 1), min(grid.spacing))
-    size = tuple(int(min(n, math.ceil(e / step) + 1)) for n, e in zip(card.input_size, extent))
+    size = tuple(min(n, _steps_covering(e, step) + 1) for n, e in zip(card.input_size, extent))
     return Grid.centered(grid.center, size, (step,) * 3, grid.direction)
 
 
@@ -178,14 +184,14 @@ class PairDeformation(torch.nn.Module):
         self.translation = torch.nn.Parameter(torch.zeros(3))
         extent = (np.asarray(grid.size) - 1) * np.asarray(grid.spacing)
         step = min(control_spacings_mm) / 2.0
-        size = tuple(int(math.ceil(e / step) + 5) for e in extent)
+        size = tuple(_steps_covering(e, step) + 5 for e in extent)
         self.velocity_grid = Grid.centered(grid.center, size, (step,) * 3, grid.direction)
         velocity_extent = (np.asarray(size) - 1) * step
         self.control_grids = []
         fields, splines = [], []
         for spacing in control_spacings_mm:
             # two control points beyond the velocity grid on each side: full B-spline support
-            control_size = tuple(int(math.ceil(e / spacing) + 5) for e in velocity_extent)
+            control_size = tuple(_steps_covering(e, spacing) + 5 for e in velocity_extent)
             self.control_grids.append(Grid.centered(grid.center, control_size, (spacing,) * 3, grid.direction))
             fields.append(torch.nn.Parameter(torch.zeros(1, 3, *self.control_grids[-1].shape)))
             splines.append(spatial.SeparableInterpolator(self.control_grids[-1], self.velocity_grid, "bspline"))
@@ -310,10 +316,10 @@ def fine_tune(pyramid: Pyramid, initial: torch.Tensor, iterations: int,
     the pyramid's grid).
 
     Two resolution levels (half, for COARSE_FRACTION of the steps, then full), Adam; the
-    similarity is mutual information on a strided subgrid of voxels at a random offset each
-    step ("mi") or dense LNCC ("lncc"), each voxel weighted by ``1 + joint saliency`` of the
-    current alignment (recomputed at the start and the middle of each level, on the saliency
-    grid), plus bending energy of the correction. ``field_step_mm``: Adam's step for the local
+    similarity is mutual information (Mattes et al.'s estimator) on a strided subgrid of voxels
+    at a random offset each step ("mi") or dense LNCC ("lncc"), each voxel weighted by
+    ``1 + joint saliency`` of the alignment the level starts from (on the saliency grid), plus
+    bending energy of the correction. ``field_step_mm``: Adam's step for the local
     field's control points (mm, doubled on the coarse level); small for a few steps from a good
     network prediction. ``samples``: about this many MI samples per step on the finest level,
     COARSE_SAMPLE_FRACTION of them on the coarse one (the stride is the nearest integer to the
