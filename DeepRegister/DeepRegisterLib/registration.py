@@ -81,7 +81,7 @@ def instance_card() -> ModelCard:
     """The settings used when no trained model is given (fine-tuning from the identity)."""
     return ModelCard(name="none", description="No network: fine-tuning on the pair from the identity.",
                      architecture="", config={}, input_size=[FINETUNE_GRID_VOXELS] * 3, spacing_mm=[0.0] * 3,
-                     finetune_step_mm=0.3, finetune_samples=16384)  # 150 steps from the identity (generic: 100 of 32768)
+                     finetune_step_mm=0.3, finetune_samples=16384)  # 150 steps from the identity (generic: 100 of 65536)
 
 
 def _steps_covering(length: float, step: float) -> int:
