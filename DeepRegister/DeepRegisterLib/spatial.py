@@ -15,9 +15,8 @@ Conventions used by every function here:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import SimpleITK as sitk
@@ -277,19 +276,15 @@ class VelocityIntegrator(torch.nn.Module):
     def __init__(self, grid: Grid, steps: int = 7) -> None:
         super().__init__()
         self.steps = steps
-        points = physical_points(grid)
-        self.register_buffer("identity", normalized_coordinates(points, grid)[None], persistent=False)
-        scale = 2.0 / (np.asarray(grid.size, dtype=float) - 1).clip(min=1)
-        to_normalized = scale[:, None] * np.linalg.inv(grid.index_to_physical)  # mm -> normalised (x y z)
-        self.register_buffer("to_normalized", torch.as_tensor(to_normalized, dtype=torch.float32), persistent=False)
+        self.register_buffer("identity", normalized_coordinates(physical_points(grid), grid)[None], persistent=False)
+        self.register_buffer("per_mm", normalized_per_mm(grid), persistent=False)
 
     def forward(self, velocity: torch.Tensor) -> torch.Tensor:
         displacement = velocity / (2 ** self.steps)
-        matrix = self.to_normalized.to(velocity.dtype)
+        matrix = self.per_mm.to(velocity.dtype)
         for _ in range(self.steps):
-            coordinates = self.identity.to(velocity.dtype) + displacement.permute(0, 2, 3, 4, 1) @ matrix.T
-            displacement = displacement + F.grid_sample(displacement, coordinates, mode="bilinear",
-                                                        padding_mode="border", align_corners=True)
+            coordinates = self.identity.to(velocity.dtype) + displacement.permute(0, 2, 3, 4, 1) @ matrix
+            displacement = displacement + sample_normalized(displacement, coordinates, padding_mode="border")
         return displacement
 
 
