@@ -204,6 +204,8 @@ def test_mrus_references_on_a_known_shift(tiny_data: Path, tmp_path: Path) -> No
     for fitted in report["gland_label_registration"].values():
         assert fitted["tre_median_mm"] < 0.25 * image.GetSpacing()[0] and fitted["dice_median"] > 0.95, fitted
     assert all(np.isfinite(v) and v >= 0 for v in report["landmark_contrast_median"].values())
+    assert report["other_landmarks"]["landmarks"] == 4  # both landmarks of both pairs, each from the other
+    assert report["other_landmarks"]["tre_other_landmarks_translation_median_mm"] < 1e-3
 
 
 def _free_port() -> int:
@@ -304,6 +306,19 @@ def test_initialize_starts_from_a_shipped_model() -> None:
         assert torch.equal(network.state_dict()[key], value), key
     with pytest.raises(ModelError, match="No model named"):
         train.initialize(network, {"network": "no-such-model"})
+
+
+def test_initialize_takes_a_submodule_out_of_a_shipped_model() -> None:
+    # A wider local network on top of the shipped mrus global network: only global_net.* is loaded.
+    card, shipped = load_model("mrus")
+    network = build_network(card.architecture, tuple(card.input_size), tuple(card.spacing_mm),
+                            global_channels=card.config["global_channels"], local_channels=[16, 32, 32, 64])
+    before = {k: v.clone() for k, v in network.local_net.state_dict().items()}
+    train.initialize(network, {"global_net": "mrus"})
+    for key, value in shipped.global_net.state_dict().items():
+        assert torch.equal(network.global_net.state_dict()[key], value), key
+    for key, value in network.local_net.state_dict().items():
+        assert torch.equal(value, before[key]), key
 
 
 def test_unknown_method_is_a_clear_error(tmp_path: Path) -> None:

@@ -91,11 +91,17 @@ def mrus_references(pairs: list[PairFiles]) -> dict:
     (where registration starts), after translating by the gland-centroid offset and after
     :func:`gland_label_registration` (the gland's own position and shape, known exactly), with
     the gland Dice of the latter; and the landmarks' visibility (:func:`blob_contrast`) in each
-    image, against the same blobs shifted by up to 6 voxels (seeded), i.e. no structure."""
+    image, against the same blobs shifted by up to 6 voxels (seeded), i.e. no structure.
+
+    How consistently a pair's landmarks move: in pairs with two or more landmarks, the error of
+    predicting each landmark by the mean TRUE displacement of the pair's other landmarks (knowledge
+    no registration has), next to the gland-centroid offset on the same landmarks. Where landmarks
+    followed one smooth deformation the former would be the smaller."""
     rng = np.random.default_rng(0)
     centred, gland_shift, contrast = [], [], {"fixed": [], "moving": [], "fixed shifted": [], "moving shifted": []}
     fitted: dict[str, list[float]] = {}
     fitted_dice: dict[str, list[float]] = {}
+    from_others, from_gland = [], []
     for pair in pairs:
         fixed_labels, moving_labels = sitk.ReadImage(str(pair.fixed_labels)), sitk.ReadImage(str(pair.moving_labels))
         fixed_points, moving_points = centroids(fixed_labels), centroids(moving_labels)
@@ -103,6 +109,11 @@ def mrus_references(pairs: list[PairFiles]) -> dict:
         centred += tre(fixed_points, moving_points, centres).tolist()
         offset = centroids(moving_labels, slice(0, 1))[0] - centroids(fixed_labels, slice(0, 1))[0]
         gland_shift += tre(fixed_points, moving_points, sitk.TranslationTransform(3, offset.tolist())).tolist()
+        displacements = (moving_points - fixed_points)[np.isfinite(moving_points - fixed_points).all(axis=1)]
+        for index in range(len(displacements) if len(displacements) > 1 else 0):
+            others = np.delete(displacements, index, axis=0).mean(axis=0)
+            from_others.append(float(np.linalg.norm(displacements[index] - others)))
+            from_gland.append(float(np.linalg.norm(displacements[index] - offset)))
         for name, transform in gland_label_registration(fixed_labels, moving_labels, centres).items():
             fitted.setdefault(name, []).extend(tre(fixed_points, moving_points, transform).tolist())
             fitted_dice.setdefault(name, []).append(
@@ -123,7 +134,11 @@ def mrus_references(pairs: list[PairFiles]) -> dict:
             "gland_label_registration": {name: {"tre_median_mm": float(np.median(finite(errors))),
                                                 "dice_median": float(np.median(fitted_dice[name]))}
                                          for name, errors in fitted.items()},
-            "landmark_contrast_median": {side: float(np.median(v)) for side, v in contrast.items()}}
+            "landmark_contrast_median": {side: float(np.median(v)) for side, v in contrast.items()},
+            "other_landmarks": {"landmarks": len(from_others),
+                                "tre_other_landmarks_translation_median_mm": float(np.median(from_others)),
+                                "tre_gland_centroid_shift_median_mm": float(np.median(from_gland))}
+            if from_others else None}
 
 
 def evaluate_mrus(model: str, iterations: int, pairs: list[PairFiles]) -> dict:

@@ -102,10 +102,14 @@ def pretrained_state(source: str) -> dict[str, torch.Tensor]:
 
 def initialize(network: torch.nn.Module, sources: dict[str, str]) -> None:
     """Load pretrained weights into submodules: ``{submodule: source}`` (e.g. a GlobalNet run's
-    best.pt into ``global_net``; ``network: mrus`` starts the whole network from the shipped model);
-    see :func:`pretrained_state`."""
+    best.pt into ``global_net``; ``network: mrus`` starts the whole network from the shipped model;
+    ``global_net: mrus`` takes that submodule's weights out of a whole network's); see :func:`pretrained_state`."""
     for name, source in sources.items():
-        network.get_submodule("" if name == "network" else name).load_state_dict(pretrained_state(str(source)))
+        state = pretrained_state(str(source))
+        prefix = f"{name}."
+        if name != "network" and any(key.startswith(prefix) for key in state):  # a whole network's weights
+            state = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+        network.get_submodule("" if name == "network" else name).load_state_dict(state)
 
 
 def setup_distributed() -> tuple[int, int, torch.device]:
