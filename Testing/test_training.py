@@ -206,6 +206,9 @@ def test_mrus_references_on_a_known_shift(tiny_data: Path, tmp_path: Path) -> No
     assert all(np.isfinite(v) and v >= 0 for v in report["landmark_contrast_median"].values())
     assert report["other_landmarks"]["landmarks"] == 4  # both landmarks of both pairs, each from the other
     assert report["other_landmarks"]["tre_other_landmarks_translation_median_mm"] < 1e-3
+    correlation = report["patch_correlation"]  # same content at the true correspondence
+    assert correlation["landmarks"] == 4 and correlation["true_best"] == 4, correlation
+    assert correlation["mean_abs_ncc_true"] > 0.99 > max(correlation["mean_abs_ncc_shifted"]), correlation
 
 
 def _free_port() -> int:

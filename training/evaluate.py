@@ -52,6 +52,36 @@ def blob_contrast(image: np.ndarray, blob: np.ndarray, gland: np.ndarray) -> flo
     return float(abs(image[blob].mean() - image[shell].mean()) / max(image[gland].std(), 1e-6))
 
 
+def patch(image: sitk.Image, centre: np.ndarray, half_width_mm: float = 6.0, step_mm: float = 1.5) -> np.ndarray:
+    """Intensities (flat) of ``image`` on an axis-aligned cube of side 2 ``half_width_mm`` around
+    the physical point ``centre`` (linear interpolation, zero outside)."""
+    count = int(round(2 * half_width_mm / step_mm)) + 1
+    reference = sitk.Image([count] * 3, sitk.sitkFloat32)
+    reference.SetSpacing([step_mm] * 3)
+    reference.SetOrigin((np.asarray(centre, dtype=float) - half_width_mm).tolist())
+    return sitk.GetArrayFromImage(sitk.Resample(image, reference, sitk.Transform(), sitk.sitkLinear, 0.0)).ravel()
+
+
+def patch_correlations(fixed: sitk.Image, moving: sitk.Image, fixed_points: np.ndarray, moving_points: np.ndarray,
+                       shift_mm: float = 4.0) -> np.ndarray:
+    """(N, 7) |normalised correlation| of the moving patch at each moving point with the fixed patch
+    at its fixed point (column 0) and at that point moved by +-``shift_mm`` along x, y, z (1-6):
+    whether the images show the correspondence locally."""
+    def correlation(a: np.ndarray, b: np.ndarray) -> float:
+        a, b = a - a.mean(), b - b.mean()
+        norm = float(np.sqrt((a * a).sum() * (b * b).sum()))
+        return abs(float((a * b).sum())) / norm if norm > 0 else 0.0  # a flat patch shows nothing
+
+    offsets = np.vstack([np.zeros(3), shift_mm * np.eye(3), -shift_mm * np.eye(3)])
+    rows = []
+    for fixed_point, moving_point in zip(fixed_points, moving_points):
+        reference = patch(moving, moving_point) if np.isfinite([*fixed_point, *moving_point]).all() else None
+        if reference is None or reference.std() == 0:
+            continue
+        rows.append([correlation(reference, patch(fixed, fixed_point + offset)) for offset in offsets])
+    return np.asarray(rows).reshape(-1, len(offsets))
+
+
 def gland_label_registration(fixed_labels: sitk.Image, moving_labels: sitk.Image, initial: sitk.Transform
                              ) -> dict[str, sitk.Transform]:
     """Fixed -> moving transforms fitted to the gland LABELS themselves (channel 0, smoothed by
@@ -96,12 +126,13 @@ def mrus_references(pairs: list[PairFiles]) -> dict:
     How consistently a pair's landmarks move: in pairs with two or more landmarks, the error of
     predicting each landmark by the mean TRUE displacement of the pair's other landmarks (knowledge
     no registration has), next to the gland-centroid offset on the same landmarks. Where landmarks
-    followed one smooth deformation the former would be the smaller."""
+    followed one smooth deformation the former would be the smaller. And whether the images show
+    the landmarks' correspondence locally (:func:`patch_correlations`)."""
     rng = np.random.default_rng(0)
     centred, gland_shift, contrast = [], [], {"fixed": [], "moving": [], "fixed shifted": [], "moving shifted": []}
     fitted: dict[str, list[float]] = {}
     fitted_dice: dict[str, list[float]] = {}
-    from_others, from_gland = [], []
+    from_others, from_gland, correlations = [], [], []
     for pair in pairs:
         fixed_labels, moving_labels = sitk.ReadImage(str(pair.fixed_labels)), sitk.ReadImage(str(pair.moving_labels))
         fixed_points, moving_points = centroids(fixed_labels), centroids(moving_labels)
@@ -118,6 +149,9 @@ def mrus_references(pairs: list[PairFiles]) -> dict:
             fitted.setdefault(name, []).extend(tre(fixed_points, moving_points, transform).tolist())
             fitted_dice.setdefault(name, []).append(
                 dice_per_label(fixed_labels[:, :, :, 0], moving_labels[:, :, :, 0], transform)["label 1"])
+        correlations.append(patch_correlations(sitk.ReadImage(str(pair.fixed), sitk.sitkFloat32),
+                                               sitk.ReadImage(str(pair.moving), sitk.sitkFloat32),
+                                               fixed_points, moving_points))
         for side, path, labels in (("fixed", pair.fixed, fixed_labels), ("moving", pair.moving, moving_labels)):
             image = sitk.GetArrayFromImage(sitk.ReadImage(str(path), sitk.sitkFloat32))
             masks = sitk.GetArrayFromImage(labels) > 0.5  # (C, Z, Y, X)
@@ -138,7 +172,16 @@ def mrus_references(pairs: list[PairFiles]) -> dict:
             "other_landmarks": {"landmarks": len(from_others),
                                 "tre_other_landmarks_translation_median_mm": float(np.median(from_others)),
                                 "tre_gland_centroid_shift_median_mm": float(np.median(from_gland))}
-            if from_others else None}
+            if from_others else None,
+            "patch_correlation": patch_correlation_summary(np.vstack(correlations))}
+
+
+def patch_correlation_summary(correlations: np.ndarray) -> dict:
+    """Mean |NCC| at the true correspondence and at the shifted places; how often the true one is best."""
+    return {"landmarks": len(correlations), "mean_abs_ncc_true": float(correlations[:, 0].mean()),
+            "mean_abs_ncc_shifted": [float(v) for v in correlations[:, 1:].mean(axis=0)],
+            "true_best": int((correlations[:, 0] >= correlations.max(axis=1)).sum()),
+            "true_best_by_chance": len(correlations) / correlations.shape[1]}
 
 
 def evaluate_mrus(model: str, iterations: int, pairs: list[PairFiles]) -> dict:
