@@ -278,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
             folder = export(config, out, Path(args.export_to), device, time.perf_counter() - begin)
             print(f"Exported the best checkpoint to {folder}")
     if world > 1:
+        dist.barrier()  # no rank tears the group down while another still works (gloo aborts then)
         dist.destroy_process_group()
     return 0
 
