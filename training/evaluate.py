@@ -136,11 +136,13 @@ def mrus_references(pairs: list[PairFiles]) -> dict:
     for pair in pairs:
         fixed_labels, moving_labels = sitk.ReadImage(str(pair.fixed_labels)), sitk.ReadImage(str(pair.moving_labels))
         fixed_points, moving_points = centroids(fixed_labels), centroids(moving_labels)
-        centres = center_alignment(sitk.ReadImage(str(pair.fixed)), sitk.ReadImage(str(pair.moving)))
+        fixed, moving = (sitk.ReadImage(str(path), sitk.sitkFloat32) for path in (pair.fixed, pair.moving))
+        centres = center_alignment(fixed, moving)
         centred += tre(fixed_points, moving_points, centres).tolist()
         offset = centroids(moving_labels, slice(0, 1))[0] - centroids(fixed_labels, slice(0, 1))[0]
         gland_shift += tre(fixed_points, moving_points, sitk.TranslationTransform(3, offset.tolist())).tolist()
-        displacements = (moving_points - fixed_points)[np.isfinite(moving_points - fixed_points).all(axis=1)]
+        displacements = moving_points - fixed_points
+        displacements = displacements[np.isfinite(displacements).all(axis=1)]
         for index in range(len(displacements) if len(displacements) > 1 else 0):
             others = np.delete(displacements, index, axis=0).mean(axis=0)
             from_others.append(float(np.linalg.norm(displacements[index] - others)))
@@ -149,11 +151,9 @@ def mrus_references(pairs: list[PairFiles]) -> dict:
             fitted.setdefault(name, []).extend(tre(fixed_points, moving_points, transform).tolist())
             fitted_dice.setdefault(name, []).append(
                 dice_per_label(fixed_labels[:, :, :, 0], moving_labels[:, :, :, 0], transform)["label 1"])
-        correlations.append(patch_correlations(sitk.ReadImage(str(pair.fixed), sitk.sitkFloat32),
-                                               sitk.ReadImage(str(pair.moving), sitk.sitkFloat32),
-                                               fixed_points, moving_points))
-        for side, path, labels in (("fixed", pair.fixed, fixed_labels), ("moving", pair.moving, moving_labels)):
-            image = sitk.GetArrayFromImage(sitk.ReadImage(str(path), sitk.sitkFloat32))
+        correlations.append(patch_correlations(fixed, moving, fixed_points, moving_points))
+        for side, volume, labels in (("fixed", fixed, fixed_labels), ("moving", moving, moving_labels)):
+            image = sitk.GetArrayFromImage(volume)
             masks = sitk.GetArrayFromImage(labels) > 0.5  # (C, Z, Y, X)
             for channel in range(1, masks.shape[0]):
                 blob = masks[channel]
