@@ -108,6 +108,52 @@ def test_dataset_layout(tiny_data: Path) -> None:
         assert sitk.GetArrayViewFromImage(labels[:, :, :, channel]).sum() > 0
 
 
+def test_split_keeps_each_subject_on_one_side(tiny_data: Path, tmp_path: Path) -> None:
+    """Pairs sharing a moving volume (the same file, or a perturbed copy as in mrus_sim) are one
+    subject: held out together or trained on together, never split."""
+    from training.data import pairs_from_csv, pairs_from_folder, split, subjects
+
+    root = write_dataset(tmp_path / "data", seeds=(1, 2, 3, 4, 5, 6))
+    pairs = pairs_from_folder(root)
+    with pytest.warns(UserWarning, match="one subject"):  # the phantom pairs all show one anatomy
+        assert len(split(pairs, 2, 0)[1]) == 2
+    rng = np.random.default_rng(0)
+    for pair in pairs:  # six different volumes
+        volume = sitk.ReadImage(str(pair.moving), sitk.sitkFloat32)
+        texture = sitk.GetImageFromArray(rng.normal(0, 1, volume.GetSize()[::-1]).astype(np.float32))
+        texture.CopyInformation(volume)
+        sitk.WriteImage(sitk.SmoothingRecursiveGaussian(texture, 8.0), str(pair.moving))
+    moving = sitk.ReadImage(str(root / "moving_images" / "obs001.nii.gz"), sitk.sitkFloat32)
+    noise = sitk.GetImageFromArray(rng.normal(0, 0.001, moving.GetSize()[::-1]).astype(np.float32))
+    noise.CopyInformation(moving)
+    for folder in ("fixed_images", "fixed_labels", "moving_labels"):
+        for twin in ("obs101.nii.gz", "obs102.nii.gz"):
+            (root / folder / twin).write_bytes((root / folder / "obs002.nii.gz").read_bytes())
+    sitk.WriteImage(moving + noise, str(root / "moving_images" / "obs101.nii.gz"))  # obs001's volume, perturbed
+    sitk.WriteImage(moving, str(root / "moving_images" / "obs102.nii.gz"))  # obs001's volume, copied
+    pairs = pairs_from_folder(root)
+    owner = dict(zip((p.name for p in pairs), subjects(pairs)))
+    assert owner["obs101"] == owner["obs102"] == owner["obs001"]
+    assert len(set(owner.values())) == 6  # the other five pairs are subjects of their own
+    for seed in range(8):
+        training, held = split(pairs, 2, seed)
+        assert len(training) + len(held) == len(pairs) and len(held) >= 2 and training
+        held_subjects = {owner[p.name] for p in held}
+        assert not held_subjects & {owner[p.name] for p in training}, seed
+        if owner["obs001"] not in held_subjects:
+            assert len(held) == 2  # singletons: exactly the pairs asked for
+    # A CSV's subject column overrides: two different volumes declared one patient stay together.
+    table = tmp_path / "pairs.csv"
+    table.write_text("fixed,moving,subject\n" + "".join(
+        f"data/fixed_images/obs00{i}.nii.gz,data/moving_images/obs00{i}.nii.gz,{'p1' if i < 3 else f'p{i}'}\n"
+        for i in range(1, 7)))
+    listed = pairs_from_csv(table)
+    assert [p.subject for p in listed] == ["p1", "p1", "p3", "p4", "p5", "p6"]
+    for seed in range(8):
+        training, held = split(listed, 1, seed)
+        assert {p.subject for p in held}.isdisjoint({p.subject for p in training})
+
+
 @pytest.mark.parametrize("source", CONFIGS, ids=[c.stem for c in CONFIGS])
 def test_each_config_runs(source: Path, tiny_data: Path, tmp_path: Path) -> None:
     config = small_config(source, tmp_path / "configs")

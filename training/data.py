@@ -9,6 +9,7 @@ Labels follow the images: 4D (x, y, z, channel) images, channel 0 the gland, oth
 from __future__ import annotations
 
 import csv
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,13 +27,14 @@ FOLDERS = ("fixed_images", "moving_images", "fixed_labels", "moving_labels")
 
 @dataclass
 class PairFiles:
-    """Paths of one pair; labels may be None."""
+    """Paths of one pair; labels may be None; ``subject`` names the patient when known (CSV column)."""
 
     name: str
     fixed: Path
     moving: Path
     fixed_labels: Path | None = None
     moving_labels: Path | None = None
+    subject: str | None = None
 
 
 @dataclass
@@ -63,7 +65,8 @@ def pairs_from_folder(root: str | Path) -> list[PairFiles]:
 
 def pairs_from_csv(path: str | Path) -> list[PairFiles]:
     """Pairs from a CSV with columns fixed, moving and optionally fixed_labels, moving_labels
-    (paths relative to the CSV's folder)."""
+    (paths relative to the CSV's folder) and subject (the patient: :func:`split` keeps a subject's
+    pairs on one side)."""
     path = Path(path)
     with path.open(newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
@@ -74,7 +77,8 @@ def pairs_from_csv(path: str | Path) -> list[PairFiles]:
         return (path.parent / value) if value else None
 
     return [PairFiles(Path(row["fixed"]).name.split(".")[0], resolve(row["fixed"]), resolve(row["moving"]),
-                      resolve(row.get("fixed_labels")), resolve(row.get("moving_labels"))) for row in rows]
+                      resolve(row.get("fixed_labels")), resolve(row.get("moving_labels")), row.get("subject") or None)
+            for row in rows]
 
 
 def _labels_on_grid(path: Path | None, grid: Grid, transform: sitk.Transform) -> torch.Tensor | None:
@@ -99,11 +103,51 @@ def prepare_pair(files: PairFiles, card: ModelCard) -> PreparedPair:
                         _labels_on_grid(files.moving_labels, grid, inputs.shift), grid)
 
 
+def _fingerprint(path: Path) -> tuple[tuple, np.ndarray]:
+    """(size, spacing) and the standardised intensities of an image on a subgrid of <= ~32^3 voxels."""
+    image = read_image(path)
+    stride = max(1, -(-max(image.GetSize()) // 32))
+    values = sitk.GetArrayViewFromImage(image)[::stride, ::stride, ::stride].astype(np.float32).ravel()
+    key = (image.GetSize(), tuple(round(s, 4) for s in image.GetSpacing()))
+    return key, (values - values.mean()) / max(float(values.std()), 1e-6)
+
+
+def subjects(pairs: list[PairFiles], same: float = 0.99) -> list[str]:
+    """The subject (patient) of each pair: its ``subject`` where given; otherwise pairs whose moving
+    images are one volume, i.e. the same file, or the same grid with normalised correlation >=
+    ``same`` (a perturbed copy: mrus_sim's 96 pairs share 66 MR volumes), count as one subject."""
+    names: list[str] = []
+    seen: list[tuple[tuple, np.ndarray, str]] = []
+    by_path: dict[Path, str] = {}
+    for pair in pairs:
+        if pair.subject:
+            names.append(pair.subject)
+            continue
+        path = pair.moving.resolve()
+        if path not in by_path:
+            key, values = _fingerprint(path)
+            match = next((name for k, v, name in seen if k == key and float(v @ values) / len(v) >= same), None)
+            by_path[path] = match or pair.name
+            seen.append((key, values, by_path[path]))
+        names.append(by_path[path])
+    return names
+
+
 def split(pairs: list[PairFiles], validation: int, seed: int) -> tuple[list[PairFiles], list[PairFiles]]:
-    """A fixed random split: ``validation`` pairs held out (never trained on), the rest for training."""
-    order = np.random.default_rng(seed).permutation(len(pairs))
-    held = {int(i) for i in order[:validation]}
-    return [p for i, p in enumerate(pairs) if i not in held], [p for i, p in enumerate(pairs) if i in held]
+    """A fixed random split by subject (:func:`subjects`): whole subjects are held out (never
+    trained on) until at least ``validation`` pairs are, the rest are for training. With one pair
+    per subject this is a random choice of ``validation`` pairs; with a single subject, too (warned)."""
+    owner = subjects(pairs)
+    if len(set(owner)) < 2:
+        warnings.warn(f"All {len(pairs)} pairs are one subject: held-out pairs share it with training pairs.")
+        owner = [pair.name for pair in pairs]
+    names = list(dict.fromkeys(owner))
+    held: set[str] = set()
+    for index in np.random.default_rng(seed).permutation(len(names)):
+        if sum(o in held for o in owner) >= validation or len(held) == len(names) - 1:
+            break
+        held.add(names[int(index)])
+    return [p for p, o in zip(pairs, owner) if o not in held], [p for p, o in zip(pairs, owner) if o in held]
 
 
 def label_centroids(labels: torch.Tensor, grid: Grid) -> torch.Tensor:
