@@ -167,6 +167,26 @@ def test_global_to_local_gradients_reach_global_net_through_saliency() -> None:
         assert torch.isfinite(parameter.grad).all() and parameter.grad.abs().max() > 0
 
 
+def test_global_to_local_segmenters_feed_both_stages() -> None:
+    """With segmentation_channels each image gets an organ probability in [0, 1]; GlobalNet reads
+    both maps (4 channels), LocalNet the fixed map and the moving map warped by the coarse field
+    (8 channels), and every parameter, the segmenters' included, gets a gradient from the field."""
+    torch.manual_seed(4)
+    net = GlobalToLocal(SIZE, SPACING, **SMALL["GlobalToLocal"], segmentation_channels=[4, 8])
+    assert net.global_net.config["in_channels"] == 4 and net.local_net.config["in_channels"] == 8
+    _perturb_zero_parameters(net)
+    fixed, moving = _images()
+    output = net(fixed, moving)
+    for key in ("fixed_segmentation", "moving_segmentation"):
+        assert output[key].shape == (2, 1, *SHAPE)
+        assert 0.0 < output[key].min() and output[key].max() < 1.0
+    output["displacement"].pow(2).mean().backward()
+    for parameter_name, parameter in net.named_parameters():
+        assert parameter.grad is not None and parameter.grad.abs().max() > 0, parameter_name
+    plain = GlobalToLocal(SIZE, SPACING, **SMALL["GlobalToLocal"])
+    assert not hasattr(plain, "fixed_segmenter") and "fixed_segmentation" not in plain(fixed, moving)
+
+
 def test_global_to_local_warps_by_coarse_then_residual() -> None:
     """Residual r is predicted on (fixed, moving warped by coarse c): map p -> q + c(q), q = p + r(p)."""
     net = GlobalToLocal(SIZE, SPACING, **SMALL["GlobalToLocal"])

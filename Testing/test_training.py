@@ -196,6 +196,44 @@ def test_loss_falls_on_toy_pair(tiny_data: Path, tmp_path: Path) -> None:
     assert [row["step"] for row in read_csv(run / "validation_log.csv")] == ["20"]
 
 
+def test_segmenters_learn_the_gland(tiny_data: Path, tmp_path: Path) -> None:
+    """The mrus config's first phase trains only the organ segmenters, on the gland labels: their
+    Dice against the training pairs' glands rises, and GlobalNet and LocalNet stay untouched."""
+    from training.data import pairs_from_folder, prepare_pair
+
+    config = small_config(REPO / "training" / "configs" / "mrus_weakly_supervised.yaml", tmp_path / "configs",
+                          phases=[{"until": 1000, "train": ["fixed_segmenter", "moving_segmenter"]}],
+                          schedule="plateau", augment={})
+    card = train.model_card(yaml.safe_load(config.read_text()))
+    pairs = [prepare_pair(p, card) for p in pairs_from_folder(tiny_data)]
+
+    def dice(network: torch.nn.Module) -> float:
+        with torch.no_grad():
+            output = network(torch.stack([p.fixed for p in pairs]), torch.stack([p.moving for p in pairs]))
+        values = []
+        for side in ("fixed", "moving"):
+            found = output[f"{side}_segmentation"] > 0.5
+            truth = torch.stack([getattr(p, f"{side}_labels")[:1] for p in pairs]) > 0.5
+            values.append(float(2 * (found & truth).sum() / (found.sum() + truth.sum())))
+        return min(values)
+
+    settings = yaml.safe_load(config.read_text())
+
+    def initial() -> torch.nn.Module:  # as training.train builds it: seeded by training.seed
+        torch.manual_seed(settings["training"]["seed"])
+        return build_network(settings["architecture"], settings["input_size"], settings["spacing_mm"],
+                             **settings["network"])
+
+    run_training(config, tiny_data, tmp_path / "run", "--max-steps", "60")
+    trained = initial()
+    trained.load_state_dict(torch.load(tmp_path / "run" / "last.pt", weights_only=True)["model"])
+    before, after = dice(initial()), dice(trained)
+    assert after > max(0.6, before + 0.2), (before, after)
+    for name in ("global_net", "local_net"):
+        untouched = getattr(initial(), name).state_dict()
+        assert all(torch.equal(value, untouched[key]) for key, value in getattr(trained, name).state_dict().items()), name
+
+
 def test_augmentation_moves_labels_with_their_images() -> None:
     # A ball that is both image and label (zero at the edges, so the image's border padding and the
     # label's zero padding agree): after augmentation the label must still lie exactly on its image,
@@ -334,9 +372,8 @@ def test_initialize_loads_a_pretrained_global_net(tiny_data: Path, tmp_path: Pat
     stage1 = small_config(REPO / "training" / "configs" / "mrus_global.yaml", tmp_path / "configs")
     run_training(stage1, tiny_data, tmp_path / "stage1", "--max-steps", "3")
     pretrained = torch.load(tmp_path / "stage1" / "best.pt", weights_only=True)["model"]
-    network = build_network("GlobalToLocal", (16, 16, 16), (6.0, 6.0, 6.0),
-                            **yaml.safe_load((REPO / "training" / "configs" / "mrus_weakly_supervised.yaml")
-                                             .read_text())["network"])
+    channels = yaml.safe_load(stage1.read_text())["network"]["channels"]
+    network = build_network("GlobalToLocal", (16, 16, 16), (6.0, 6.0, 6.0), global_channels=channels)
     before = {k: v.clone() for k, v in network.local_net.state_dict().items()}
     fresh = {k: v.clone() for k, v in network.global_net.state_dict().items()}
     assert any(not torch.equal(fresh[k], pretrained[k]) for k in fresh)

@@ -31,7 +31,7 @@ from DeepRegisterLib.registration import register
 from DeepRegisterLib.spatial import Grid
 from DeepRegisterLib.synthetic import DeformedPair, deformed_pair
 
-from .data import PairFiles, label_centroids, pairs_from_folder, split
+from .data import PairFiles, label_centroids, pairs_from_folder, split, subjects
 from .public_volumes import fetch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -162,7 +162,7 @@ def mrus_references(pairs: list[PairFiles]) -> dict:
                     shifted = np.roll(blob, tuple(int(v) for v in rng.integers(-6, 7, 3)), axis=(0, 1, 2))
                     contrast[f"{side} shifted"].append(blob_contrast(image, shifted, masks[0]))
     finite = lambda values: [v for v in values if np.isfinite(v)]
-    return {"pairs": len(pairs), "landmarks": len(finite(centred)),
+    return {"pairs": len(pairs), "subjects": len(set(subjects(pairs))), "landmarks": len(finite(centred)),
             "tre_centres_aligned_median_mm": float(np.median(finite(centred))),
             "tre_gland_centroid_shift_median_mm": float(np.median(finite(gland_shift))),
             "gland_label_registration": {name: {"tre_median_mm": float(np.median(finite(errors))),
@@ -195,7 +195,8 @@ def evaluate_mrus(model: str, iterations: int, pairs: list[PairFiles]) -> dict:
         errors += tre(centroids(fixed_labels), centroids(moving_labels), result.transform).tolist()
         dices.append(dice_per_label(fixed_labels[:, :, :, 0], moving_labels[:, :, :, 0], result.transform)["label 1"])
         folds.append(result.folding_percent)
-    return {"pairs": len(pairs), "landmarks": len(errors), "tre_median_mm": float(np.median(errors)),
+    return {"pairs": len(pairs), "subjects": len(set(subjects(pairs))), "landmarks": len(errors),
+            "tre_median_mm": float(np.median(errors)),
             "dice_median": float(np.median(dices)), "folding_percent_max": float(np.max(folds)),
             "seconds_median": float(np.median(seconds))}
 

@@ -60,6 +60,16 @@ def multiscale_dice(fixed: torch.Tensor, warped: torch.Tensor, scales_voxels: li
     return sum(losses) / len(losses)
 
 
+def segmentation_loss(probability: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """1 - soft Dice + binary cross-entropy of a predicted organ probability against its label
+    (both (B, 1, Z, Y, X) in [0, 1]); cross-entropy keeps the gradient alive where Dice alone
+    lets a fresh network collapse to an empty map."""
+    dice = (2 * (probability * label).sum(dim=(1, 2, 3, 4)) + 1e-5) / ((probability + label).sum(dim=(1, 2, 3, 4)) + 1e-5)
+    tiny = 1e-12  # written out: autocast refuses torch's binary_cross_entropy
+    entropy = -(label * torch.log(probability + tiny) + (1 - label) * torch.log(1 - probability + tiny)).mean()
+    return 1.0 - dice.mean() + entropy
+
+
 def centroid_errors(fixed_labels: torch.Tensor, moving_labels: torch.Tensor, displacement: torch.Tensor,
                     grid: Grid) -> torch.Tensor:
     """Per label, the distance (mm) between the moving label's centroid and the fixed label's
@@ -112,6 +122,9 @@ class Objective:
                 labels.append((pair.fixed_labels[channel:channel + 1], pair.moving_labels[channel:channel + 1]))
             batch["fixed_label"] = torch.stack([f for f, _ in labels])
             batch["moving_label"] = torch.stack([m for _, m in labels])
+            if self.loss_config.get("segmentation", 0.0):  # the organ (channel 0) of every pair
+                batch["fixed_organ"] = torch.stack([p.fixed_labels[:1] for p in chosen])
+                batch["moving_organ"] = torch.stack([p.moving_labels[:1] for p in chosen])
         batch = self._augment(batch, rng)
         return {key: value.to(self.device) for key, value in batch.items()}
 
@@ -130,10 +143,10 @@ class Objective:
         return torch.cat([multi_frequency_field(self.grid, float(rng.uniform(0.0, limit)), rng) for _ in range(size)])
 
     def _augment(self, batch: dict[str, torch.Tensor], rng: np.random.Generator) -> dict[str, torch.Tensor]:
-        """Per image, a random affine plus a random smooth field (one warp; its label follows) and
+        """Per image, a random affine plus a random smooth field (one warp; its labels follow) and
         random gamma/contrast/noise."""
         size = batch["fixed"].shape[0]
-        for image, label in (("fixed", "fixed_label"), ("moving", "moving_label")):
+        for image in ("fixed", "moving"):
             fields = [affine_displacement(self._random_affine(size, rng), self.grid)] \
                 if self.augment.get("affine", 0.0) or self.augment.get("translation_mm", 0.0) else []
             if self.augment.get("field_mm", 0.0):
@@ -141,8 +154,9 @@ class Objective:
             if fields:
                 field = sum(fields)
                 batch[image] = warp(batch[image], field, self.grid, padding_mode="border")
-                if label in batch:
-                    batch[label] = warp(batch[label], field, self.grid)
+                for label in (f"{image}_label", f"{image}_organ"):
+                    if label in batch:
+                        batch[label] = warp(batch[label], field, self.grid)
             if self.augment.get("intensity", False):
                 gamma = torch.as_tensor(np.exp(rng.uniform(-0.3, 0.3, (size, 1, 1, 1, 1))), dtype=torch.float32)
                 noise = torch.as_tensor(rng.normal(0, 0.02, batch[image].shape), dtype=torch.float32)
@@ -185,7 +199,12 @@ class Objective:
             centroid = float(self.loss_config.get("centroid", 0.0))
             distance = centroid_distance(batch["fixed_label"], batch["moving_label"], displacement, self.grid) \
                 if centroid else 0.0
-            return multiscale_dice(batch["fixed_label"], warped, scales, spacing) + centroid * distance + bending
+            loss = multiscale_dice(batch["fixed_label"], warped, scales, spacing) + centroid * distance + bending
+            if "fixed_organ" in batch and "fixed_segmentation" in output:
+                loss = loss + float(self.loss_config["segmentation"]) * (
+                    segmentation_loss(output["fixed_segmentation"].float(), batch["fixed_organ"])
+                    + segmentation_loss(output["moving_segmentation"].float(), batch["moving_organ"]))
+            return loss
         if self.method == "synthetic_supervised":
             return (displacement - batch["field"]).norm(dim=1).mean() + bending
         warped = warp(batch["moving"], displacement, self.grid, padding_mode="border")

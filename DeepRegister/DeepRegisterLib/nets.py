@@ -136,20 +136,26 @@ class GlobalNet(_RegistrationNetwork):
     """
 
     def __init__(self, size: Sequence[int], spacing: Sequence[float],
-                 channels: Sequence[int] = (8, 16, 16, 32), translation_scale_mm: float = 10.0) -> None:
+                 channels: Sequence[int] = (8, 16, 16, 32), translation_scale_mm: float = 10.0,
+                 in_channels: int = 2) -> None:
         super().__init__(size, spacing, channels=[int(c) for c in channels],
-                         translation_scale_mm=float(translation_scale_mm))
+                         translation_scale_mm=float(translation_scale_mm), in_channels=int(in_channels))
         levels = []
-        previous = 2
+        previous = self.config["in_channels"]
         for width in self.config["channels"]:
             levels += [_conv_block(previous, width, stride=2), _conv_block(width, width)]
             previous = width
         self.encoder = nn.Sequential(*levels)
         self.affine = _AffineHead(previous, self.config["translation_scale_mm"])
 
-    def forward(self, fixed: torch.Tensor, moving: torch.Tensor) -> dict[str, torch.Tensor]:
-        theta = self.affine(self.encoder(self.pair(fixed, moving)))
+    def predict(self, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        """"displacement" (mm) and "theta" from any (B, in_channels, Z, Y, X) input on ``grid``."""
+        self.check_input(inputs, self.config["in_channels"], "inputs")
+        theta = self.affine(self.encoder(inputs))
         return {"displacement": affine_displacement(theta, self.grid), "theta": theta}
+
+    def forward(self, fixed: torch.Tensor, moving: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.predict(self.pair(fixed, moving))
 
 
 class LocalNet(_RegistrationNetwork):
@@ -195,6 +201,18 @@ class LocalNet(_RegistrationNetwork):
         return {"displacement": self.predict(self.pair(fixed, moving))}
 
 
+class Segmenter(LocalNet):
+    """Probability (B, 1, Z, Y, X) in [0, 1] of one structure (e.g. the prostate gland) in one
+    image (B, 1, Z, Y, X): :class:`LocalNet`'s encoder-decoder with a 1x1 convolution and a sigmoid."""
+
+    def __init__(self, size: Sequence[int], spacing: Sequence[float], channels: Sequence[int] = (16, 32, 32, 64)) -> None:
+        super().__init__(size, spacing, in_channels=1, channels=channels)
+        self.output = nn.Conv3d(self.config["channels"][0], 1, 1)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return torch.sigmoid(self.predict(image))
+
+
 class GlobalToLocal(_RegistrationNetwork):
     """Global affine, then a saliency-guided local refinement.
 
@@ -207,35 +225,54 @@ class GlobalToLocal(_RegistrationNetwork):
        point map is ``p -> q + c(q)`` with ``q = p + r(p)``:
        ``displacement = compose(r, c, grid)`` (``r`` first, then ``c``, in point-map order).
 
+    With ``segmentation_channels`` two :class:`Segmenter` branches first map each image to the
+    probability of the organ (trained on the labels, which stay loss targets only); GlobalNet then
+    reads [fixed, moving, organ in fixed, organ in moving] and LocalNet also the fixed organ and the
+    moving organ warped by ``c`` (8 channels). Its moment pooling reads an organ map's position
+    directly, which carries over to unseen subjects far better than raw intensities do.
+
     Everything is differentiable: a loss on "displacement" reaches GlobalNet directly through
     ``c`` and through ``warped`` and the saliency. Outputs: "displacement", "coarse" (mm),
-    "theta" (B, 3, 4), "saliency".
+    "theta" (B, 3, 4), "saliency", and with segmentation "fixed_segmentation" and
+    "moving_segmentation" (B, 1, Z, Y, X) in [0, 1].
     """
 
     def __init__(self, size: Sequence[int], spacing: Sequence[float],
                  global_channels: Sequence[int] = (8, 16, 16, 32),
                  local_channels: Sequence[int] = (8, 16, 16, 32),
                  translation_scale_mm: float = 10.0, saliency_sigma_mm: float = 1.5,
-                 coarse_scale_mm: float = 10.0) -> None:
+                 coarse_scale_mm: float = 10.0, segmentation_channels: Sequence[int] = ()) -> None:
         super().__init__(size, spacing, global_channels=[int(c) for c in global_channels],
                          local_channels=[int(c) for c in local_channels],
                          translation_scale_mm=float(translation_scale_mm),
-                         saliency_sigma_mm=float(saliency_sigma_mm), coarse_scale_mm=float(coarse_scale_mm))
+                         saliency_sigma_mm=float(saliency_sigma_mm), coarse_scale_mm=float(coarse_scale_mm),
+                         segmentation_channels=[int(c) for c in segmentation_channels])
+        organ = 2 if segmentation_channels else 0
+        if organ:
+            self.fixed_segmenter = Segmenter(size, spacing, channels=segmentation_channels)
+            self.moving_segmenter = Segmenter(size, spacing, channels=segmentation_channels)
         self.global_net = GlobalNet(size, spacing, channels=global_channels,
-                                    translation_scale_mm=translation_scale_mm)
+                                    translation_scale_mm=translation_scale_mm, in_channels=2 + organ)
         self.transformer = SpatialTransformer(self.grid)
         self.saliency = JointSaliency(self.grid.spacing, sigma_mm=saliency_sigma_mm)
-        self.local_net = LocalNet(size, spacing, in_channels=6, channels=local_channels)
+        self.local_net = LocalNet(size, spacing, in_channels=6 + organ, channels=local_channels)
 
     def forward(self, fixed: torch.Tensor, moving: torch.Tensor) -> dict[str, torch.Tensor]:
-        coarse_output = self.global_net(fixed, moving)
+        images = self.pair(fixed, moving)
+        organs: dict[str, torch.Tensor] = {}
+        if self.config["segmentation_channels"]:
+            organs = {"fixed_segmentation": self.fixed_segmenter(fixed), "moving_segmentation": self.moving_segmenter(moving)}
+            images = torch.cat([images, *organs.values()], dim=1)
+        coarse_output = self.global_net.predict(images)
         coarse = coarse_output["displacement"]
         warped = self.transformer(moving, coarse, padding_mode="border")
         saliency = self.saliency(fixed, warped)
-        inputs = torch.cat([coarse / self.config["coarse_scale_mm"], saliency, fixed, warped], dim=1)
-        residual = self.local_net.predict(inputs)
+        inputs = [coarse / self.config["coarse_scale_mm"], saliency, fixed, warped]
+        if organs:
+            inputs += [organs["fixed_segmentation"], self.transformer(organs["moving_segmentation"], coarse)]
+        residual = self.local_net.predict(torch.cat(inputs, dim=1))
         return {"displacement": compose(residual, coarse, self.grid), "coarse": coarse,
-                "theta": coarse_output["theta"], "saliency": saliency}
+                "theta": coarse_output["theta"], "saliency": saliency, **organs}
 
 
 class RegNet(_RegistrationNetwork):
