@@ -340,6 +340,24 @@ def test_resume_continues_step_count(tiny_data: Path, tmp_path: Path) -> None:
     assert torch.load(run / "last.pt", map_location="cpu", weights_only=True)["step"] == 6
 
 
+def test_clip_grad_norm_bounds_each_step(tiny_data: Path, tmp_path: Path) -> None:
+    """With a vanishing clip_grad_norm Adam's steps vanish too (gradients far below its epsilon);
+    without it the same two steps move the weights."""
+    moved = {}
+    for clip in (None, 1e-12):
+        extra = {"clip_grad_norm": clip} if clip else {}
+        config = small_config(REPO / "training" / "configs" / "linear_deformable.yaml", tmp_path / f"configs{clip}",
+                              validate_every=1, **extra)
+        run_training(config, tiny_data, tmp_path / f"run{clip}", "--max-steps", "2")
+        settings = yaml.safe_load(config.read_text())
+        torch.manual_seed(settings["training"]["seed"])
+        start = build_network(settings["architecture"], settings["input_size"], settings["spacing_mm"],
+                              **settings.get("network", {})).state_dict()
+        end = torch.load(tmp_path / f"run{clip}" / "last.pt", weights_only=True)["model"]
+        moved[clip] = max(float((end[k].float() - start[k].float()).abs().max()) for k in start)
+    assert moved[None] > 1e-4 and moved[1e-12] < 1e-6, moved
+
+
 def test_export_loads_and_registers(tiny_data: Path, tmp_path: Path) -> None:
     config = small_config(REPO / "training" / "configs" / "mrus_weakly_supervised.yaml", tmp_path / "configs")
     models = tmp_path / "models"

@@ -247,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
             if name not in active:
                 for parameter in params:
                     parameter.grad = None  # Adam leaves parameters without gradients untouched
+        if "clip_grad_norm" in training:  # one bad batch cannot throw the weights far
+            torch.nn.utils.clip_grad_norm_(network.parameters(), float(training["clip_grad_norm"]))
         optimizer.step()
         if not cosine:
             plateau.step(mean_over_ranks(loss.detach(), world))
