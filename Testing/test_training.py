@@ -416,7 +416,8 @@ def test_initialize_takes_a_submodule_out_of_a_shipped_model() -> None:
     # A wider local network on top of the shipped mrus global network: only global_net.* is loaded.
     card, shipped = load_model("mrus")
     network = build_network(card.architecture, tuple(card.input_size), tuple(card.spacing_mm),
-                            global_channels=card.config["global_channels"], local_channels=[16, 32, 32, 64])
+                            global_channels=card.config["global_channels"], local_channels=[16, 32, 32, 64],
+                            segmentation_channels=card.config["segmentation_channels"])
     before = {k: v.clone() for k, v in network.local_net.state_dict().items()}
     train.initialize(network, {"global_net": "mrus"})
     for key, value in shipped.global_net.state_dict().items():
