@@ -12,6 +12,7 @@ known synthetic fields) and ``linear_deformable`` (Christodoulidis et al.). See 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -281,6 +282,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"Exported the best checkpoint to {folder}")
     if world > 1:
         dist.barrier()  # no rank tears the group down while another still works (gloo aborts then)
+        # DDP's reducer holds the process group: free both while the interpreter is fully alive, or
+        # gloo's threads may meet a half-finalised interpreter at exit ("terminate called ...").
+        del model
+        gc.collect()
         dist.destroy_process_group()
     return 0
 
