@@ -97,6 +97,14 @@ def run_training(config: Path, data: Path, out: Path, *extra: str) -> None:
     assert train.main(["--config", str(config), "--data", str(data), "--out", str(out), *extra]) == 0
 
 
+def initial_network(config: Path) -> torch.nn.Module:
+    """The network ``training.train`` starts from for ``config`` (built after seeding with training.seed)."""
+    settings = yaml.safe_load(config.read_text())
+    torch.manual_seed(settings["training"]["seed"])
+    return build_network(settings["architecture"], settings["input_size"], settings["spacing_mm"],
+                         **settings.get("network", {}))
+
+
 # -- tests ------------------------------------------------------------------------------------
 def test_dataset_layout(tiny_data: Path) -> None:
     labels = sitk.ReadImage(str(tiny_data / "fixed_labels" / "obs001.nii.gz"))
@@ -217,20 +225,13 @@ def test_segmenters_learn_the_gland(tiny_data: Path, tmp_path: Path) -> None:
             values.append(float(2 * (found & truth).sum() / (found.sum() + truth.sum())))
         return min(values)
 
-    settings = yaml.safe_load(config.read_text())
-
-    def initial() -> torch.nn.Module:  # as training.train builds it: seeded by training.seed
-        torch.manual_seed(settings["training"]["seed"])
-        return build_network(settings["architecture"], settings["input_size"], settings["spacing_mm"],
-                             **settings["network"])
-
     run_training(config, tiny_data, tmp_path / "run", "--max-steps", "60")
-    trained = initial()
+    trained = initial_network(config)
     trained.load_state_dict(torch.load(tmp_path / "run" / "last.pt", weights_only=True)["model"])
-    before, after = dice(initial()), dice(trained)
+    before, after = dice(initial_network(config)), dice(trained)
     assert after > max(0.6, before + 0.2), (before, after)
     for name in ("global_net", "local_net"):
-        untouched = getattr(initial(), name).state_dict()
+        untouched = getattr(initial_network(config), name).state_dict()
         assert all(torch.equal(value, untouched[key]) for key, value in getattr(trained, name).state_dict().items()), name
 
 
@@ -349,10 +350,7 @@ def test_clip_grad_norm_bounds_each_step(tiny_data: Path, tmp_path: Path) -> Non
         config = small_config(REPO / "training" / "configs" / "linear_deformable.yaml", tmp_path / f"configs{clip}",
                               validate_every=1, **extra)
         run_training(config, tiny_data, tmp_path / f"run{clip}", "--max-steps", "2")
-        settings = yaml.safe_load(config.read_text())
-        torch.manual_seed(settings["training"]["seed"])
-        start = build_network(settings["architecture"], settings["input_size"], settings["spacing_mm"],
-                              **settings.get("network", {})).state_dict()
+        start = initial_network(config).state_dict()
         end = torch.load(tmp_path / f"run{clip}" / "last.pt", weights_only=True)["model"]
         moved[clip] = max(float((end[k].float() - start[k].float()).abs().max()) for k in start)
     assert moved[None] > 1e-4 and moved[1e-12] < 1e-6, moved

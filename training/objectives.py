@@ -48,6 +48,11 @@ def similarity(kind: str, fixed: torch.Tensor, warped: torch.Tensor, spacing: tu
     raise ValueError(f"Unknown similarity '{kind}': use charbonnier, lncc, mi or mse.")
 
 
+def soft_dice(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Soft Dice per batch item (B,) of two (B, C, Z, Y, X) maps in [0, 1]."""
+    return (2 * (a * b).sum(dim=(1, 2, 3, 4)) + 1e-5) / ((a + b).sum(dim=(1, 2, 3, 4)) + 1e-5)
+
+
 def multiscale_dice(fixed: torch.Tensor, warped: torch.Tensor, scales_voxels: list[float],
                     spacing: tuple[float, float, float]) -> torch.Tensor:
     """1 - soft Dice averaged over Gaussian smoothing scales (voxels; 0 = unsmoothed), per Hu et al."""
@@ -55,8 +60,7 @@ def multiscale_dice(fixed: torch.Tensor, warped: torch.Tensor, scales_voxels: li
     for scale in scales_voxels:
         a = gaussian_smooth(fixed, scale * min(spacing), spacing) if scale else fixed
         b = gaussian_smooth(warped, scale * min(spacing), spacing) if scale else warped
-        dice = (2 * (a * b).sum(dim=(1, 2, 3, 4)) + 1e-5) / ((a + b).sum(dim=(1, 2, 3, 4)) + 1e-5)
-        losses.append(1.0 - dice.mean())
+        losses.append(1.0 - soft_dice(a, b).mean())
     return sum(losses) / len(losses)
 
 
@@ -64,10 +68,9 @@ def segmentation_loss(probability: torch.Tensor, label: torch.Tensor) -> torch.T
     """1 - soft Dice + binary cross-entropy of a predicted organ probability against its label
     (both (B, 1, Z, Y, X) in [0, 1]); cross-entropy keeps the gradient alive where Dice alone
     lets a fresh network collapse to an empty map."""
-    dice = (2 * (probability * label).sum(dim=(1, 2, 3, 4)) + 1e-5) / ((probability + label).sum(dim=(1, 2, 3, 4)) + 1e-5)
     tiny = 1e-12  # written out: autocast refuses torch's binary_cross_entropy
     entropy = -(label * torch.log(probability + tiny) + (1 - label) * torch.log(1 - probability + tiny)).mean()
-    return 1.0 - dice.mean() + entropy
+    return 1.0 - soft_dice(probability, label).mean() + entropy
 
 
 def centroid_errors(fixed_labels: torch.Tensor, moving_labels: torch.Tensor, displacement: torch.Tensor,
