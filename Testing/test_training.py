@@ -32,6 +32,7 @@ from training import train  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "training" / "configs").glob("*.yaml"))
+MRUS = REPO.parent / "shared" / "data" / "mrus_sim"
 SEEDS = (1, 2, 3, 4)
 BLOB_RADIUS_VOXELS = 2.0
 
@@ -368,8 +369,9 @@ def test_export_loads_and_registers(tiny_data: Path, tmp_path: Path) -> None:
     assert card.name == name and card.input_size == [16, 16, 16] and not network.training
     assert "tre_median_mm" in card.metrics and math.isfinite(card.metrics["tre_median_mm"])
     assert card.training["steps"] == 2 and card.training["method"] == "weakly_supervised"
-    # the config's fine-tuning settings travel into the card (mrus: many samples, a small step)
-    assert (card.finetune_iterations, card.finetune_samples, card.finetune_step_mm) == (8, 24576, 0.05)
+    # the config's fine-tuning settings travel into the card (mrus: affine only, pulled by the gland maps)
+    assert (card.finetune_iterations, card.finetune_samples, card.finetune_step_mm, card.finetune_organ_weight) == (
+        100, 24576, 0.0, 2.0)
     pair = make_phantom_pair(9, (32, 32, 32), spacing=4.0)
     result = register(pair.fixed, pair.moving, model=str(folder), iterations=0, device="cpu")
     assert isinstance(result.transform, sitk.DisplacementFieldTransform)
@@ -408,6 +410,33 @@ def test_initialize_starts_from_a_shipped_model() -> None:
         assert torch.equal(network.state_dict()[key], value), key
     with pytest.raises(ModelError, match="No model named"):
         train.initialize(network, {"network": "no-such-model"})
+
+
+@pytest.mark.skipif(not MRUS.is_dir(), reason="needs ../shared/data/mrus_sim")
+def test_shipped_mrus_fine_tuning_on_held_out_subjects(tmp_path: Path) -> None:
+    """On 4 held-out pairs (MR volumes the model never saw) the card's default fine-tuning (affine;
+    MI + the segmenters' gland maps) lowers TRE and raises gland Dice over the network alone; the
+    same MI steps without the gland-map term drift away."""
+    import shutil
+
+    from training.data import pairs_from_folder, split
+    from training.evaluate import evaluate_mrus
+
+    card, _ = load_model("mrus")
+    assert card.finetune_organ_weight > 0 and card.finetune_step_mm == 0.0
+    _, held = split(pairs_from_folder(MRUS), 16, 0)
+    pairs = held[:4]
+    alone = evaluate_mrus("mrus", 0, pairs)
+    tuned = evaluate_mrus("mrus", card.finetune_iterations, pairs)
+    without = tmp_path / "mrus"
+    shutil.copytree(REPO / "Resources" / "Models" / "mrus", without)
+    data = json.loads((without / "model.json").read_text())
+    (without / "model.json").write_text(json.dumps({**data, "finetune_organ_weight": 0.0}))
+    drifted = evaluate_mrus(str(without), card.finetune_iterations, pairs)
+    assert tuned["tre_median_mm"] < alone["tre_median_mm"] - 0.5, (alone, tuned)
+    assert tuned["dice_median"] > alone["dice_median"] + 0.02, (alone, tuned)
+    assert tuned["folding_percent_max"] == 0.0
+    assert drifted["tre_median_mm"] > tuned["tre_median_mm"] + 1.0, (tuned, drifted)
 
 
 def test_initialize_takes_a_submodule_out_of_a_shipped_model() -> None:

@@ -10,7 +10,7 @@ import math
 import numpy as np
 import torch
 
-from DeepRegisterLib.losses import bending_energy, lncc_loss, mutual_information_loss
+from DeepRegisterLib.losses import bending_energy, lncc_loss, mutual_information_loss, soft_dice
 from DeepRegisterLib.saliency import gaussian_smooth
 from DeepRegisterLib.spatial import Grid, affine_displacement, sample, warp
 from DeepRegisterLib.synthetic import multi_frequency_field, ultrasound_remap
@@ -46,11 +46,6 @@ def similarity(kind: str, fixed: torch.Tensor, warped: torch.Tensor, spacing: tu
         magnitude = lambda v: torch.sqrt(sum(g * g for g in image_gradients(v, spacing)) + 1e-8)
         return charbonnier(fixed - warped).mean() + 20.0 * charbonnier(magnitude(fixed) - magnitude(warped)).mean()
     raise ValueError(f"Unknown similarity '{kind}': use charbonnier, lncc, mi or mse.")
-
-
-def soft_dice(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Soft Dice per batch item (B,) of two (B, C, Z, Y, X) maps in [0, 1]."""
-    return (2 * (a * b).sum(dim=(1, 2, 3, 4)) + 1e-5) / ((a + b).sum(dim=(1, 2, 3, 4)) + 1e-5)
 
 
 def multiscale_dice(fixed: torch.Tensor, warped: torch.Tensor, scales_voxels: list[float],

@@ -61,7 +61,8 @@ def model_card(config: dict) -> ModelCard:
                      finetune_metric=config.get("finetune_metric", "mi"),
                      finetune_iterations=int(config.get("finetune_iterations", 0)),
                      finetune_step_mm=float(config.get("finetune_step_mm", ModelCard.finetune_step_mm)),
-                     finetune_samples=int(config.get("finetune_samples", ModelCard.finetune_samples)))
+                     finetune_samples=int(config.get("finetune_samples", ModelCard.finetune_samples)),
+                     finetune_organ_weight=float(config.get("finetune_organ_weight", ModelCard.finetune_organ_weight)))
 
 
 def _resolve(path: str) -> Path:
@@ -169,7 +170,7 @@ def validate(network: torch.nn.Module, pairs: list[PreparedPair], grid: Grid, de
             errors += (displacement - batch["field"]).norm(dim=1)[0][inside].cpu().tolist()
             folds.append(folding_percent(displacement.cpu(), grid))
             continue
-        displacement = network.register_pair(pair.fixed[None].to(device), pair.moving[None].to(device)).float().cpu()
+        displacement = network.register_pair(pair.fixed[None].to(device), pair.moving[None].to(device))["displacement"].float().cpu()
         folds.append(folding_percent(displacement, grid))
         if pair.fixed_labels is None:
             continue

@@ -100,6 +100,12 @@ def mutual_information_loss(fixed: torch.Tensor, warped: torch.Tensor, bins: int
     return _MattesMutualInformation.apply(fixed.detach(), warped, weight.detach(), bins)
 
 
+def soft_dice(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Soft Dice per batch item (B,) of two (B, C, ...) maps in [0, 1] (dense volumes or sampled points)."""
+    dims = tuple(range(1, a.dim()))
+    return (2 * (a * b).sum(dim=dims) + 1e-5) / ((a + b).sum(dim=dims) + 1e-5)
+
+
 def bending_energy(displacement: torch.Tensor, spacing: tuple[float, float, float]) -> torch.Tensor:
     """Mean bending energy (mm^-2 * mm^2 = unitless per voxel) of a displacement in mm.
 

@@ -44,8 +44,9 @@ class ModelCard:
     intensity_percentiles: list[float] = field(default_factory=lambda: [1.0, 99.0])
     finetune_metric: str = "mi"
     finetune_iterations: int = 0  # default fine-tuning steps after the network's prediction
-    finetune_step_mm: float = 0.05  # Adam step (mm) of the local field's control points at the finest level
+    finetune_step_mm: float = 0.05  # Adam step (mm) of the local field's control points at the finest level (0: affine only)
     finetune_samples: int = 24576  # MI samples per fine-tuning step (more: a less noisy gradient, a slower step)
+    finetune_organ_weight: float = 0.0  # weight of 1 - soft Dice of the network's organ maps in fine-tuning (0: off)
     saliency_sigma_mm: float = 1.5
     training: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)

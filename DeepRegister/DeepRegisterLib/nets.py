@@ -109,15 +109,16 @@ class _RegistrationNetwork(nn.Module):
                              f"{self.grid.size}; got {tuple(inputs.shape)}")
 
     @torch.no_grad()
-    def register_pair(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
-        """The displacement (1, 3, Z, Y, X) in mm for one pair (1, 1, Z, Y, X) each, without gradients.
+    def register_pair(self, fixed: torch.Tensor, moving: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The outputs for one pair (1, 1, Z, Y, X) each, without gradients: "displacement" (1, 3, Z,
+        Y, X) in mm and whatever else the network gives (organ maps, saliency), batch size 1.
 
         On the CPU the pair goes in twice, as a batch of two: for a single small volume PyTorch
         picks its native 3D convolution, for a batch oneDNN's, 2-3x faster for both (same values).
         """
         if fixed.device.type == "cpu":
             fixed, moving = fixed.expand(2, -1, -1, -1, -1), moving.expand(2, -1, -1, -1, -1)
-        return self(fixed, moving)["displacement"][:1]
+        return {name: value[:1] for name, value in self(fixed, moving).items()}
 
     def pair(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
         """Checked (B, 2, Z, Y, X) concatenation: channel 0 fixed, channel 1 moving."""

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from . import spatial
 from .imageio import InputError, center_alignment, check_volume, physical_box
-from .losses import BendingEnergy, lncc_loss, mutual_information_loss
+from .losses import BendingEnergy, lncc_loss, mutual_information_loss, soft_dice
 from .models import ModelCard, load_model
 from .saliency import FixedSaliency, gaussian_smooth
 from .spatial import Grid
@@ -174,7 +174,8 @@ class PairDeformation(torch.nn.Module):
     the initial field: ``(A - I)(p - c) + t`` plus the exponential of a
     stationary velocity field. The velocity is the sum of cubic B-spline control-point grids of
     ``control_spacings_mm``, evaluated on a grid of half the finest control spacing and
-    integrated there by scaling and squaring, so the local correction cannot fold.
+    integrated there by scaling and squaring, so the local correction cannot fold. No
+    ``control_spacings_mm``: the affine part alone.
     """
 
     def __init__(self, grid: Grid, control_spacings_mm: tuple[float, ...]) -> None:
@@ -183,7 +184,7 @@ class PairDeformation(torch.nn.Module):
         self.matrix = torch.nn.Parameter(torch.zeros(3, 3))
         self.translation = torch.nn.Parameter(torch.zeros(3))
         extent = (np.asarray(grid.size) - 1) * np.asarray(grid.spacing)
-        step = min(control_spacings_mm) / 2.0
+        step = min(control_spacings_mm, default=float(extent.max())) / 2.0
         size = tuple(_steps_covering(e, step) + 5 for e in extent)
         self.velocity_grid = Grid.centered(grid.center, size, (step,) * 3, grid.direction)
         velocity_extent = (np.asarray(size) - 1) * step
@@ -224,17 +225,23 @@ class PairDeformation(torch.nn.Module):
         for axis, shape in enumerate(((1, 1, -1), (1, -1, 1), (-1, 1, 1))):
             steps = torch.arange(grid.size[axis], dtype=affine.dtype, device=affine.device).view(1, 1, *shape)
             affine = affine + per_index[:, axis].view(1, 3, 1, 1, 1) * steps
+        if not self.control_grids:
+            return affine
         if grid not in self._interpolators:
             self._interpolators[grid] = spatial.SeparableInterpolator(self.velocity_grid, grid).to(affine.device)
         return affine + self._interpolators[grid](self.local_field())
 
     def regularization(self) -> torch.Tensor:
         """Bending energy of the velocity control-point fields (unitless)."""
-        return sum(bending(values) for bending, values in zip(self.bending, self.fields))
+        return sum((bending(values) for bending, values in zip(self.bending, self.fields)),
+                   torch.zeros((), device=self.matrix.device))
 
 
 class Pyramid:
     """The pair's images (fixed, moving on ``grid``) at coarser levels, each computed once.
+
+    ``organs``: optionally the network's organ probability maps of the fixed and the (centre-shifted)
+    moving image on ``grid``, (1, 1, Z, Y, X) in [0, 1] each; ``organ_level(f)`` gives them at level ``f``.
 
     ``level(f)`` smooths with sigma = f / 2 voxels (FINEST_SIGMA_MM for f = 1) and resamples
     ``f`` times coarser over the same extent (:func:`downsample`); ``saliency_level(f)`` is the
@@ -242,9 +249,12 @@ class Pyramid:
     ``joint_saliency(f, displacement)`` the map there, Gaussian window ``saliency_sigma_mm``.
     """
 
-    def __init__(self, fixed: torch.Tensor, moving: torch.Tensor, grid: Grid, saliency_sigma_mm: float) -> None:
+    def __init__(self, fixed: torch.Tensor, moving: torch.Tensor, grid: Grid, saliency_sigma_mm: float,
+                 organs: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         self.fixed, self.moving, self.grid, self.saliency_sigma_mm = fixed, moving, grid, saliency_sigma_mm
+        self.organs = organs
         self._levels: dict[int, tuple[torch.Tensor, torch.Tensor, Grid]] = {}
+        self._organ_levels: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._fixed_saliency: dict[Grid, FixedSaliency] = {}
 
     def level(self, factor: int) -> tuple[torch.Tensor, torch.Tensor, Grid]:
@@ -254,6 +264,14 @@ class Pyramid:
             moving, _ = downsample(self.moving, self.grid, factor)
             self._levels[factor] = (fixed, moving, grid)
         return self._levels[factor]
+
+    def organ_level(self, factor: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(fixed organ, moving organ) on level ``factor``'s grid; needs ``organs``."""
+        if self.organs is None:
+            raise ValueError("This pyramid has no organ maps.")
+        if factor not in self._organ_levels:
+            self._organ_levels[factor] = tuple(downsample(organ, self.grid, factor)[0] for organ in self.organs)
+        return self._organ_levels[factor]
 
     def saliency_level(self, factor: int) -> tuple[torch.Tensor, torch.Tensor, Grid]:
         """The saliency images for level ``factor``: the level itself, or a coarser one."""
@@ -311,7 +329,8 @@ class Adam:
 
 def fine_tune(pyramid: Pyramid, initial: torch.Tensor, iterations: int,
               metric: str, progress: ProgressCallback | None = None,
-              seed: int = 0, field_step_mm: float = 0.05, samples: int = 24576) -> PairDeformation:
+              seed: int = 0, field_step_mm: float = 0.05, samples: int = 24576,
+              organ_weight: float = 0.0) -> PairDeformation:
     """Optimise a :class:`PairDeformation` on the pyramid's pair from ``initial`` (1, 3, Z, Y, X mm on
     the pyramid's grid).
 
@@ -321,24 +340,29 @@ def fine_tune(pyramid: Pyramid, initial: torch.Tensor, iterations: int,
     ``1 + joint saliency`` of the alignment the level starts from (on the saliency grid), plus
     bending energy of the correction. ``field_step_mm``: Adam's step for the local
     field's control points (mm, doubled on the coarse level); small for a few steps from a good
-    network prediction. ``samples``: about this many MI samples per step on the finest level,
+    network prediction; 0: no local field, an affine correction alone. ``samples``: about this many MI samples per step on the finest level,
     COARSE_SAMPLE_FRACTION of them on the coarse one (the stride is the nearest integer to the
-    cube root of the level's voxels / those samples).
+    cube root of the level's voxels / those samples). ``organ_weight``: with the pyramid's organ maps,
+    adds this times (1 - soft Dice) of the fixed organ map and the warped moving one, on the same
+    voxels as the similarity: it pulls the organ's outline together where intensities alone do not.
     """
     if metric not in ("mi", "lncc"):
         raise InputError(f"Unknown fine-tuning metric '{metric}': use 'mi' or 'lncc'.")
     grid = pyramid.grid
     device = initial.device
     extent = float(((np.asarray(grid.size) - 1) * np.asarray(grid.spacing)).max())
-    deformation = PairDeformation(grid, tuple(extent / d for d in CONTROL_DIVISIONS)).to(device)
+    spacings = tuple(extent / d for d in CONTROL_DIVISIONS) if field_step_mm > 0 else ()
+    deformation = PairDeformation(grid, spacings).to(device)
     generator = torch.Generator(device=device).manual_seed(seed)
     coarse = int(iterations * COARSE_FRACTION)
     levels = [(2, coarse), (1, iterations - coarse)]
+    use_organs = organ_weight > 0 and pyramid.organs is not None
     done = 0
     for factor, steps in levels:
         if steps == 0:
             continue
         level_fixed, level_moving, level_grid = pyramid.level(factor)
+        fixed_organ, moving_organ = pyramid.organ_level(factor) if use_organs else (None, None)
         level_initial = spatial.resample_field(initial, grid, level_grid) if factor > 1 else initial
         # grid_sample coordinates of the voxels mapped by the initial field, and their change per mm
         per_mm = spatial.normalized_per_mm(level_grid, device=device)
@@ -364,17 +388,24 @@ def fine_tune(pyramid: Pyramid, initial: torch.Tensor, iterations: int,
                     ox, oy, oz = offset
                     voxels = (..., slice(oz, None, stride), slice(oy, None, stride), slice(ox, None, stride))
                     subgrids[offset] = (level_grid.strided(offset, stride), level_fixed[voxels].contiguous(),
-                                        weight_map[voxels].contiguous(), initial_coordinates[voxels + (slice(None),)].contiguous())
-                subgrid, subgrid_fixed, subgrid_weight, subgrid_coordinates = subgrids[offset]
+                                        weight_map[voxels].contiguous(), initial_coordinates[voxels + (slice(None),)].contiguous(),
+                                        fixed_organ[voxels].contiguous() if use_organs else None)
+                subgrid, subgrid_fixed, subgrid_weight, subgrid_coordinates, subgrid_organ = subgrids[offset]
                 correction = deformation.displacement_on(subgrid)
                 coordinates = subgrid_coordinates + correction.permute(0, 2, 3, 4, 1) @ per_mm
                 inside = (coordinates.abs() <= 1).all(dim=-1)
                 values = spatial.sample_normalized(level_moving, coordinates)
                 similarity = mutual_information_loss(subgrid_fixed, values, weight=subgrid_weight * inside)
+                if use_organs:
+                    organ = spatial.sample_normalized(moving_organ, coordinates)
+                    similarity = similarity + organ_weight * (1.0 - soft_dice(subgrid_organ, organ)).sum()
             else:
                 coordinates = initial_coordinates + deformation.displacement_on(level_grid).permute(0, 2, 3, 4, 1) @ per_mm
                 warped = spatial.sample_normalized(level_moving, coordinates, padding_mode="border")
                 similarity = lncc_loss(level_fixed, warped, weight=weight_map)
+                if use_organs:
+                    organ = spatial.sample_normalized(moving_organ, coordinates)
+                    similarity = similarity + organ_weight * (1.0 - soft_dice(fixed_organ, organ)).sum()
             loss = similarity + BENDING_WEIGHT * deformation.regularization()
             loss.backward()
             optimizer.step(1.0 - (1.0 - FINAL_STEP_SCALE) * step / steps)
@@ -454,25 +485,31 @@ def _register(fixed: sitk.Image, moving: sitk.Image, model: str | None, device: 
         if np.any(high_f < low_m) or np.any(high_m < low_f):
             raise InputError("The fixed and moving volumes do not overlap in physical space. Check their "
                              "origins and directions, or let DeepRegister align their centres.")
-    pyramid = Pyramid(*inputs.on(tune_grid, device), tune_grid, card.saliency_sigma_mm)
+    tune_images = inputs.on(tune_grid, device)
     timings["preprocess"] = time.perf_counter() - start
 
     start = time.perf_counter()
     _report(progress, "network", 0.0)
     initial = torch.zeros(1, 3, *tune_grid.shape, device=device)
     network_field = None  # the network's displacement (1, 3, Z, Y, X) in mm on its grid
+    organs = None  # the network's organ maps of the fixed and moving image on the fine-tuning grid
     if network is not None:
-        canonical = network.register_pair(*inputs.on(grid, device))
+        outputs = network.register_pair(*inputs.on(grid, device))
+        canonical = outputs["displacement"]
         direction = torch.as_tensor(np.reshape(grid.direction, (3, 3)), dtype=canonical.dtype, device=device)
         network_field = torch.einsum("ij,bjzyx->bizyx", direction, canonical)
         initial = spatial.resample_field(network_field, grid, tune_grid)
+        if "fixed_segmentation" in outputs and card.finetune_organ_weight > 0:
+            to_tune_grid = spatial.SeparableInterpolator(grid, tune_grid).to(device)
+            organs = (to_tune_grid(outputs["fixed_segmentation"]), to_tune_grid(outputs["moving_segmentation"]))
+    pyramid = Pyramid(*tune_images, tune_grid, card.saliency_sigma_mm, organs)
     timings["network"] = time.perf_counter() - start
 
     start = time.perf_counter()
     deformation = None
     if iterations > 0:
         deformation = fine_tune(pyramid, initial, iterations, metric, progress, field_step_mm=card.finetune_step_mm,
-                                samples=card.finetune_samples)
+                                samples=card.finetune_samples, organ_weight=card.finetune_organ_weight)
     timings["finetune"] = time.perf_counter() - start
 
     start = time.perf_counter()
