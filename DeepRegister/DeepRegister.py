@@ -138,7 +138,7 @@ class DeepRegisterParameterNode:
     fixedVolume, movingVolume - the volumes to register (moving is aligned to fixed).
     model - name of a trained model (see DeepRegisterLib.models); "" registers by fine-tuning on the pair only.
     device - where the network runs.
-    iterations - fine-tuning steps on the pair; -1 uses the default: the model card's (8 for mrus, 40 for generic), 150 without a model.
+    iterations - fine-tuning steps on the pair; -1 uses the default: the model card's (100 for mrus and generic), 150 without a model.
     outputTransform - receives the fixed->moving displacement field (created when empty).
     createWarpedVolume, warpedVolume - also resample the moving volume onto the fixed grid.
     saliencyVolume - receives the joint saliency map (created when empty).
