@@ -12,6 +12,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -417,8 +418,6 @@ def test_shipped_mrus_fine_tuning_on_held_out_subjects(tmp_path: Path) -> None:
     """On 4 held-out pairs (MR volumes the model never saw) the card's default fine-tuning (affine;
     MI + the segmenters' gland maps) lowers TRE and raises gland Dice over the network alone; the
     same MI steps without the gland-map term drift away."""
-    import shutil
-
     from training.data import pairs_from_folder, split
     from training.evaluate import evaluate_mrus
 

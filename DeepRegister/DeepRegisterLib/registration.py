@@ -40,6 +40,7 @@ CONTROL_DIVISIONS = (4, 8)  # velocity control-point spacings = the grid's longe
 VELOCITY_SQUARINGS = 2  # scaling and squaring steps of the fine-tuning velocity (12 dev ultrasound-like pairs: 4 and 2 the same TRE, 2 is 7 % faster)
 FINAL_STEP_SCALE = 0.2  # Adam's step sizes fall linearly to this fraction over each level
 COARSE_FRACTION = 0.25  # fine-tuning steps on the half-resolution level (dev ultrasound-like pairs: 0.5 -> 0.31 mm, 0.25: 0.29)
+MIN_ORGAN_ML = 1.0  # smallest organ map (mL above probability 0.5) that fine-tuning follows
 COARSE_SAMPLE_FRACTION = 0.5  # of the MI samples on that level (generic at 128^3: stride 3 instead of 2, 13 % less fine-tuning time, the same TRE on 12 dev pairs x 2 seeds)
 
 
@@ -204,7 +205,10 @@ class PairDeformation(torch.nn.Module):
 
     def local_field(self) -> torch.Tensor:
         """The integrated local displacement (1, 3, Z, Y, X) in mm on ``velocity_grid``; when gradients
-        are recorded, they flow to the velocity as if the exponential were the identity."""
+        are recorded, they flow to the velocity as if the exponential were the identity; zero for an
+        affine-only deformation."""
+        if not self.control_grids:
+            return torch.zeros(1, 3, *self.velocity_grid.shape, device=self.matrix.device)
         velocity = sum(spline(values) for spline, values in zip(self.splines, self.fields))
         if not torch.is_grad_enabled():
             return self.integrator(velocity)
@@ -270,7 +274,8 @@ class Pyramid:
         if self.organs is None:
             raise ValueError("This pyramid has no organ maps.")
         if factor not in self._organ_levels:
-            self._organ_levels[factor] = tuple(downsample(organ, self.grid, factor)[0] for organ in self.organs)
+            fixed, moving = self.organs
+            self._organ_levels[factor] = (downsample(fixed, self.grid, factor)[0], downsample(moving, self.grid, factor)[0])
         return self._organ_levels[factor]
 
     def saliency_level(self, factor: int) -> tuple[torch.Tensor, torch.Tensor, Grid]:
@@ -286,6 +291,12 @@ class Pyramid:
         if grid not in self._fixed_saliency:
             self._fixed_saliency[grid] = FixedSaliency(fixed, grid.spacing, self.saliency_sigma_mm)
         return self._fixed_saliency[grid](spatial.warp(moving, displacement, grid))
+
+
+def organ_loss(fixed_organ: torch.Tensor, moving_organ: torch.Tensor, coordinates: torch.Tensor) -> torch.Tensor:
+    """1 - soft Dice (scalar) of fixed organ values (1, 1, *S) and the moving organ map (1, 1, Z, Y, X)
+    sampled at ``grid_sample`` coordinates (1, *S, 3); zero outside the moving map's grid."""
+    return 1.0 - soft_dice(fixed_organ, spatial.sample_normalized(moving_organ, coordinates))[0]
 
 
 def _report(progress: ProgressCallback | None, stage: str, fraction: float) -> None:
@@ -380,7 +391,8 @@ def fine_tune(pyramid: Pyramid, initial: torch.Tensor, iterations: int,
                     saliency = pyramid.joint_saliency(factor, small_initial + deformation.displacement_on(small_grid))
                     weight_map = 1.0 + F.interpolate(saliency, size=level_grid.shape, mode="trilinear",
                                                      align_corners=True)
-                subgrids: dict[tuple[int, int, int], tuple[Grid, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+                subgrids: dict[tuple[int, int, int],
+                               tuple[Grid, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
             optimizer.zero_grad()
             if metric == "mi":
                 offset = tuple(torch.randint(0, stride, (3,), generator=generator, device=device).tolist())
@@ -397,21 +409,41 @@ def fine_tune(pyramid: Pyramid, initial: torch.Tensor, iterations: int,
                 values = spatial.sample_normalized(level_moving, coordinates)
                 similarity = mutual_information_loss(subgrid_fixed, values, weight=subgrid_weight * inside)
                 if use_organs:
-                    organ = spatial.sample_normalized(moving_organ, coordinates)
-                    similarity = similarity + organ_weight * (1.0 - soft_dice(subgrid_organ, organ)).sum()
+                    similarity = similarity + organ_weight * organ_loss(subgrid_organ, moving_organ, coordinates)
             else:
                 coordinates = initial_coordinates + deformation.displacement_on(level_grid).permute(0, 2, 3, 4, 1) @ per_mm
                 warped = spatial.sample_normalized(level_moving, coordinates, padding_mode="border")
                 similarity = lncc_loss(level_fixed, warped, weight=weight_map)
                 if use_organs:
-                    organ = spatial.sample_normalized(moving_organ, coordinates)
-                    similarity = similarity + organ_weight * (1.0 - soft_dice(fixed_organ, organ)).sum()
+                    similarity = similarity + organ_weight * organ_loss(fixed_organ, moving_organ, coordinates)
             loss = similarity + BENDING_WEIGHT * deformation.regularization()
             loss.backward()
             optimizer.step(1.0 - (1.0 - FINAL_STEP_SCALE) * step / steps)
             done += 1
             _report(progress, "finetune", done / iterations)
     return deformation
+
+
+def organ_maps(outputs: dict[str, torch.Tensor], grid: Grid, target: Grid, messages: list[str]
+               ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The network's organ maps ("fixed_segmentation", "moving_segmentation" on its ``grid``) on the
+    ``target`` grid (same direction), zero outside ``grid``; None, with a message, when the network
+    gives none or either map holds less than MIN_ORGAN_ML of organ (fine-tuning then uses intensities alone)."""
+    if "fixed_segmentation" not in outputs:
+        messages.append("This model has no organ maps: fine-tuning used image similarity alone.")
+        return None
+    voxel_ml = math.prod(grid.spacing) / 1000.0
+    maps = []
+    for side in ("fixed", "moving"):
+        probability = outputs[f"{side}_segmentation"]
+        if float((probability > 0.5).sum()) * voxel_ml < MIN_ORGAN_ML:
+            messages.append(f"The network found no organ in the {side} image: fine-tuning used image similarity alone.")
+            return None
+        # a zero border around the model grid, so the interpolation's border values are zero beyond it
+        padded = Grid.centered(grid.center, tuple(n + 2 for n in grid.size), grid.spacing, grid.direction)
+        maps.append(spatial.SeparableInterpolator(padded, target).to(probability.device)(F.pad(probability, (1,) * 6)))
+    messages.append("Fine-tuning followed the network's organ outlines as well as image similarity.")
+    return maps[0], maps[1]
 
 
 def _check_overlap(fixed_grid: Grid, field: torch.Tensor, moving: sitk.Image) -> None:
@@ -499,9 +531,8 @@ def _register(fixed: sitk.Image, moving: sitk.Image, model: str | None, device: 
         direction = torch.as_tensor(np.reshape(grid.direction, (3, 3)), dtype=canonical.dtype, device=device)
         network_field = torch.einsum("ij,bjzyx->bizyx", direction, canonical)
         initial = spatial.resample_field(network_field, grid, tune_grid)
-        if "fixed_segmentation" in outputs and card.finetune_organ_weight > 0:
-            to_tune_grid = spatial.SeparableInterpolator(grid, tune_grid).to(device)
-            organs = (to_tune_grid(outputs["fixed_segmentation"]), to_tune_grid(outputs["moving_segmentation"]))
+        if card.finetune_organ_weight > 0 and iterations > 0:
+            organs = organ_maps(outputs, grid, tune_grid, messages)
     pyramid = Pyramid(*tune_images, tune_grid, card.saliency_sigma_mm, organs)
     timings["network"] = time.perf_counter() - start
 
