@@ -433,17 +433,16 @@ def organ_maps(outputs: dict[str, torch.Tensor], grid: Grid, target: Grid, messa
         messages.append("This model has no organ maps: fine-tuning used image similarity alone.")
         return None
     voxel_ml = math.prod(grid.spacing) / 1000.0
-    maps = []
     for side in ("fixed", "moving"):
-        probability = outputs[f"{side}_segmentation"]
-        if float((probability > 0.5).sum()) * voxel_ml < MIN_ORGAN_ML:
+        if float((outputs[f"{side}_segmentation"] > 0.5).sum()) * voxel_ml < MIN_ORGAN_ML:
             messages.append(f"The network found no organ in the {side} image: fine-tuning used image similarity alone.")
             return None
-        # a zero border around the model grid, so the interpolation's border values are zero beyond it
-        padded = Grid.centered(grid.center, tuple(n + 2 for n in grid.size), grid.spacing, grid.direction)
-        maps.append(spatial.SeparableInterpolator(padded, target).to(probability.device)(F.pad(probability, (1,) * 6)))
+    # both maps in one pass, with a zero border around the model grid so the values beyond it are zero
+    both = torch.cat([outputs["fixed_segmentation"], outputs["moving_segmentation"]], dim=1)
+    padded = Grid.centered(grid.center, tuple(n + 2 for n in grid.size), grid.spacing, grid.direction)
+    placed = spatial.SeparableInterpolator(padded, target).to(both.device)(F.pad(both, (1,) * 6))
     messages.append("Fine-tuning followed the network's organ outlines as well as image similarity.")
-    return maps[0], maps[1]
+    return placed[:, :1], placed[:, 1:]
 
 
 def _check_overlap(fixed_grid: Grid, field: torch.Tensor, moving: sitk.Image) -> None:
