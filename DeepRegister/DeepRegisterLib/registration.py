@@ -176,7 +176,7 @@ class PairDeformation(torch.nn.Module):
     stationary velocity field. The velocity is the sum of cubic B-spline control-point grids of
     ``control_spacings_mm``, evaluated on a grid of half the finest control spacing and
     integrated there by scaling and squaring, so the local correction cannot fold. No
-    ``control_spacings_mm``: the affine part alone.
+    ``control_spacings_mm``: the affine part alone (no velocity grid is built).
     """
 
     def __init__(self, grid: Grid, control_spacings_mm: tuple[float, ...]) -> None:
@@ -184,13 +184,15 @@ class PairDeformation(torch.nn.Module):
         self.register_buffer("center", torch.as_tensor(grid.center, dtype=torch.float32))
         self.matrix = torch.nn.Parameter(torch.zeros(3, 3))
         self.translation = torch.nn.Parameter(torch.zeros(3))
-        extent = (np.asarray(grid.size) - 1) * np.asarray(grid.spacing)
-        step = min(control_spacings_mm, default=float(extent.max())) / 2.0
-        size = tuple(_steps_covering(e, step) + 5 for e in extent)
-        self.velocity_grid = Grid.centered(grid.center, size, (step,) * 3, grid.direction)
-        velocity_extent = (np.asarray(size) - 1) * step
-        self.control_grids = []
+        self.control_grids: list[Grid] = []
         fields, splines = [], []
+        if control_spacings_mm:
+            extent = (np.asarray(grid.size) - 1) * np.asarray(grid.spacing)
+            step = min(control_spacings_mm) / 2.0
+            size = tuple(_steps_covering(e, step) + 5 for e in extent)
+            self.velocity_grid = Grid.centered(grid.center, size, (step,) * 3, grid.direction)
+            self.integrator = spatial.VelocityIntegrator(self.velocity_grid, steps=VELOCITY_SQUARINGS)
+            velocity_extent = (np.asarray(size) - 1) * step
         for spacing in control_spacings_mm:
             # two control points beyond the velocity grid on each side: full B-spline support
             control_size = tuple(_steps_covering(e, spacing) + 5 for e in velocity_extent)
@@ -200,15 +202,12 @@ class PairDeformation(torch.nn.Module):
         self.fields = torch.nn.ParameterList(fields)
         self.splines = torch.nn.ModuleList(splines)
         self.bending = torch.nn.ModuleList(BendingEnergy(control.shape, control.spacing) for control in self.control_grids)
-        self.integrator = spatial.VelocityIntegrator(self.velocity_grid, steps=VELOCITY_SQUARINGS)
         self._interpolators: dict[Grid, spatial.SeparableInterpolator] = {}  # from the velocity grid, per target grid
 
     def local_field(self) -> torch.Tensor:
-        """The integrated local displacement (1, 3, Z, Y, X) in mm on ``velocity_grid``; when gradients
-        are recorded, they flow to the velocity as if the exponential were the identity; zero for an
-        affine-only deformation."""
-        if not self.control_grids:
-            return torch.zeros(1, 3, *self.velocity_grid.shape, device=self.matrix.device)
+        """The integrated local displacement (1, 3, Z, Y, X) in mm on ``velocity_grid`` (only with
+        control grids); when gradients are recorded, they flow to the velocity as if the exponential
+        were the identity."""
         velocity = sum(spline(values) for spline, values in zip(self.splines, self.fields))
         if not torch.is_grad_enabled():
             return self.integrator(velocity)
