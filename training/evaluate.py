@@ -1,14 +1,14 @@
 """Evaluate a model end to end through ``register()`` on pairs it never trained on.
 
     python -m training.evaluate --model PATH --kind mrus     [--iterations 0 50] [--json OUT]
-    python -m training.evaluate --model PATH --kind generic  [--iterations 0 40] [--json OUT]
+    python -m training.evaluate --model PATH --kind generic  [--iterations 0 40] [--median-mm 3] [--pairs 4] [--json OUT]
     python -m training.evaluate --kind mrus-references                            [--json OUT]
     (mrus kinds: [--split held-out|training] [--max-pairs N])
 
 ``mrus``: the held-out mrus_sim pairs of the training split (config seed and size), centres
 aligned first; median landmark-centroid TRE, median gland Dice, folding. ``generic``: the
 held-out MNI152 T1 (128^3 at 1 mm around its centre) through smooth synthetic fields (median
-displacement 3 mm inside the brain), monomodal and with an ultrasound-like moving image; median TRE at
+displacement 3 mm inside the brain, or ``--median-mm``), monomodal and with an ultrasound-like moving image; median TRE at
 landmarks inside the brain, seconds per pair. ``mrus-references``: what the held-out mrus pairs
 allow without a model (:func:`mrus_references`).
 """
@@ -207,18 +207,19 @@ def brain_volume(size: int = 128, spacing_mm: float = 1.0) -> tuple[sitk.Image, 
     return t1, grid
 
 
-def synthetic_brain_pair(seed: int, ultrasound: bool) -> DeformedPair:
-    """MNI152 T1 (128^3 at 1 mm) as moving; fixed = moving through a smooth field (median 3 mm)."""
+def synthetic_brain_pair(seed: int, ultrasound: bool, median_mm: float = 3.0) -> DeformedPair:
+    """MNI152 T1 (128^3 at 1 mm) as moving; fixed = moving through a smooth field (``median_mm``
+    median displacement inside the brain)."""
     volume, grid = brain_volume()
-    return deformed_pair(volume, grid, np.random.default_rng(seed), 3.0, ultrasound)
+    return deformed_pair(volume, grid, np.random.default_rng(seed), median_mm, ultrasound)
 
 
-def evaluate_generic(model: str, iterations: int, pairs: int = 4) -> dict:
+def evaluate_generic(model: str, iterations: int, pairs: int = 4, median_mm: float = 3.0) -> dict:
     results = {}
     for name, ultrasound in (("monomodal", False), ("ultrasound-like", True)):
         errors, before, seconds, folds = [], [], [], []
         for seed in range(pairs):
-            pair = synthetic_brain_pair(100 + seed, ultrasound)
+            pair = synthetic_brain_pair(100 + seed, ultrasound, median_mm)
             start = time.perf_counter()
             result = register(pair.fixed, pair.moving, model=model, iterations=iterations, device="cpu")
             seconds.append(time.perf_counter() - start)
@@ -242,6 +243,9 @@ def main() -> None:
     parser.add_argument("--split", choices=["held-out", "training"], default="held-out",
                         help="mrus kinds: the held-out pairs (default) or the training pairs")
     parser.add_argument("--max-pairs", type=int, help="mrus kinds: only the first N pairs of the split")
+    parser.add_argument("--median-mm", type=float, default=3.0,
+                        help="generic: median displacement of the synthetic fields inside the brain (mm)")
+    parser.add_argument("--pairs", type=int, default=4, help="generic: pairs per kind (monomodal, ultrasound-like)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     pairs: list[PairFiles] = []
@@ -260,7 +264,7 @@ def main() -> None:
         if args.kind == "mrus":
             report[iterations] = {**evaluate_mrus(args.model, iterations, pairs), "subjects": subject_count}
         else:
-            report[iterations] = evaluate_generic(args.model, iterations)
+            report[iterations] = evaluate_generic(args.model, iterations, args.pairs, args.median_mm)
         print(json.dumps({"iterations": iterations, **report[iterations]}), flush=True)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
