@@ -187,6 +187,26 @@ def test_global_to_local_segmenters_feed_both_stages() -> None:
     assert not hasattr(plain, "fixed_segmenter") and "fixed_segmentation" not in plain(fixed, moving)
 
 
+def test_global_to_local_without_saliency_is_globalnet_plus_localnet() -> None:
+    """joint_saliency=False: LocalNet reads [coarse, fixed, warped] (5 channels) and no saliency is
+    computed; the same weights otherwise give the field, and the config rebuilds it."""
+    torch.manual_seed(5)
+    net = GlobalToLocal(SIZE, SPACING, **SMALL["GlobalToLocal"], joint_saliency=False)
+    assert net.local_net.config["in_channels"] == 5 and net.saliency is None
+    _perturb_zero_parameters(net)
+    fixed, moving = _images()
+    output = net(fixed, moving)
+    assert "saliency" not in output and output["displacement"].shape == (2, 3, *SHAPE)
+    output["displacement"].pow(2).mean().backward()
+    for parameter_name, parameter in net.named_parameters():
+        assert parameter.grad is not None and parameter.grad.abs().max() > 0, parameter_name
+    rebuilt = build_network("GlobalToLocal", net.grid.size, net.grid.spacing, **net.config)
+    rebuilt.load_state_dict(net.state_dict())
+    assert torch.equal(rebuilt(fixed, moving)["displacement"], output["displacement"].detach())
+    with_saliency = GlobalToLocal(SIZE, SPACING, **SMALL["GlobalToLocal"])
+    assert with_saliency.config["joint_saliency"] and with_saliency.local_net.config["in_channels"] == 6
+
+
 def test_global_to_local_warps_by_coarse_then_residual() -> None:
     """Residual r is predicted on (fixed, moving warped by coarse c): map p -> q + c(q), q = p + r(p)."""
     net = GlobalToLocal(SIZE, SPACING, **SMALL["GlobalToLocal"])

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import SimpleITK as sitk
 import torch
 
 from DeepRegisterLib.losses import bending_energy, lncc_loss, mutual_information_loss, soft_dice
@@ -18,6 +19,8 @@ from DeepRegisterLib.synthetic import multi_frequency_field, ultrasound_remap
 from .data import PreparedPair, label_centroids
 
 METHODS = ("weakly_supervised", "unsupervised", "synthetic_supervised", "linear_deformable")
+LABEL_LOSSES = ("dice", "cross_entropy")
+_TINY = 1e-12  # log guard; written out because autocast refuses torch's binary_cross_entropy
 
 
 def charbonnier(x: torch.Tensor, epsilon: float = 1e-3) -> torch.Tensor:
@@ -59,13 +62,53 @@ def multiscale_dice(fixed: torch.Tensor, warped: torch.Tensor, scales_voxels: li
     return sum(losses) / len(losses)
 
 
+def binary_cross_entropy(probability: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Voxelwise -[t log p + (1 - t) log(1 - p)] of a probability map against a target in [0, 1]."""
+    return -(target * torch.log(probability + _TINY) + (1 - target) * torch.log(1 - probability + _TINY))
+
+
 def segmentation_loss(probability: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
     """1 - soft Dice + binary cross-entropy of a predicted organ probability against its label
     (both (B, 1, Z, Y, X) in [0, 1]); cross-entropy keeps the gradient alive where Dice alone
     lets a fresh network collapse to an empty map."""
-    tiny = 1e-12  # written out: autocast refuses torch's binary_cross_entropy
-    entropy = -(label * torch.log(probability + tiny) + (1 - label) * torch.log(1 - probability + tiny)).mean()
-    return 1.0 - soft_dice(probability, label).mean() + entropy
+    return 1.0 - soft_dice(probability, label).mean() + binary_cross_entropy(probability, label).mean()
+
+
+def smoothed_labels(labels: torch.Tensor, grid: Grid, sigma_mm: float) -> torch.Tensor:
+    """Hu et al.'s label smoothing (ISBI 2018) of labels (B, 1, Z, Y, X) in [0, 1] on ``grid``: the
+    foreground (>= 0.5) keeps its one-hot probability 1, the background gets a spatially smoothed
+    probability exp(-d^2 / (2 sigma^2)) of its Euclidean distance d (mm) to the foreground (soft
+    values of a resampled label's edge are kept where larger). Empty labels stay zero. No gradient."""
+    smoothed = labels.detach().clone()
+    for item in range(labels.shape[0]):
+        mask = (labels[item, 0] >= 0.5).cpu().numpy().astype(np.uint8)
+        if not mask.any():
+            continue
+        image = sitk.GetImageFromArray(mask)
+        image.SetSpacing(grid.spacing)
+        distance = sitk.GetArrayFromImage(sitk.SignedMaurerDistanceMap(
+            image, insideIsPositive=False, squaredDistance=False, useImageSpacing=True)).clip(min=0.0)
+        decay = torch.from_numpy(np.exp(-distance ** 2 / (2.0 * sigma_mm ** 2))).to(labels)
+        smoothed[item, 0] = torch.maximum(smoothed[item, 0], decay)
+    return smoothed
+
+
+def label_cross_entropy(fixed: torch.Tensor, warped: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the warped moving label against the fixed label, both smoothed by
+    :func:`smoothed_labels` ((B, 1, Z, Y, X) in [0, 1]). Each item's sum over voxels is divided by
+    the mean mass of its two maps, so that every label weighs the same however large it is (a 4 mm
+    landmark as much as the gland), as Hu et al. normalise their smoothed maps; then the mean over
+    the items whose labels are present in both images (a label moved off the grid by augmentation
+    has nothing to align; zero when none is). The warped map is clamped to [1e-6, 1 - 1e-6]:
+    interpolation may overshoot 1 by a rounding error, and a voxel the other map does not reach
+    costs at most -log(1e-6) = 13.8."""
+    dims = tuple(range(1, fixed.dim()))
+    cross_entropy = binary_cross_entropy(warped.clamp(1e-6, 1.0 - 1e-6), fixed).sum(dim=dims)
+    present = ((fixed >= 0.5).sum(dim=dims) > 0) & ((warped >= 0.5).sum(dim=dims) > 0)
+    if not present.any():
+        return cross_entropy.sum() * 0.0
+    mass = (fixed.sum(dim=dims) + warped.sum(dim=dims)) / 2.0
+    return (cross_entropy[present] / mass[present]).mean()
 
 
 def centroid_errors(fixed_labels: torch.Tensor, moving_labels: torch.Tensor, displacement: torch.Tensor,
@@ -102,6 +145,9 @@ class Objective:
         self.loss_config = config.get("loss", {})
         self.augment = config["training"].get("augment", {})
         self.grid, self.device = grid, device
+        self.label_loss = self.loss_config.get("label", "dice")
+        if self.label_loss not in LABEL_LOSSES:
+            raise ValueError(f"Unknown label loss '{self.label_loss}': use {' or '.join(LABEL_LOSSES)}.")
 
     # -- batches ---------------------------------------------------------------------------
     def batch(self, pairs: list[PreparedPair], size: int, rng: np.random.Generator) -> dict[str, torch.Tensor]:
@@ -124,6 +170,10 @@ class Objective:
                 batch["fixed_organ"] = torch.stack([p.fixed_labels[:1] for p in chosen])
                 batch["moving_organ"] = torch.stack([p.moving_labels[:1] for p in chosen])
         batch = self._augment(batch, rng)
+        if self.method == "weakly_supervised" and self.label_loss == "cross_entropy":
+            sigma = float(self.loss_config.get("label_smoothing_mm", 6.0))
+            for side in ("fixed", "moving"):  # after augmentation: the maps follow the labels' final place
+                batch[f"{side}_smoothed"] = smoothed_labels(batch[f"{side}_label"], self.grid, sigma)
         return {key: value.to(self.device) for key, value in batch.items()}
 
     def _random_affine(self, size: int, rng: np.random.Generator) -> torch.Tensor:
@@ -192,12 +242,16 @@ class Objective:
         spacing = self.grid.spacing
         bending = float(self.loss_config.get("bending", 0.0)) * bending_energy(displacement, spacing)
         if self.method == "weakly_supervised":
-            warped = warp(batch["moving_label"], displacement, self.grid)
-            scales = self.loss_config.get("scales_voxels", [0, 1, 2, 4, 8, 16])
+            if self.label_loss == "cross_entropy":
+                label = label_cross_entropy(batch["fixed_smoothed"], warp(batch["moving_smoothed"], displacement, self.grid))
+            else:
+                warped = warp(batch["moving_label"], displacement, self.grid)
+                label = multiscale_dice(batch["fixed_label"], warped,
+                                        self.loss_config.get("scales_voxels", [0, 1, 2, 4, 8, 16]), spacing)
             centroid = float(self.loss_config.get("centroid", 0.0))
             distance = centroid_distance(batch["fixed_label"], batch["moving_label"], displacement, self.grid) \
                 if centroid else 0.0
-            loss = multiscale_dice(batch["fixed_label"], warped, scales, spacing) + centroid * distance + bending
+            loss = label + centroid * distance + bending
             if "fixed_organ" in batch and "fixed_segmentation" in output:
                 loss = loss + float(self.loss_config["segmentation"]) * (
                     segmentation_loss(output["fixed_segmentation"].float(), batch["fixed_organ"])

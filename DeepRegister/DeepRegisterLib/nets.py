@@ -232,22 +232,28 @@ class GlobalToLocal(_RegistrationNetwork):
     moving organ warped by ``c`` (8 channels). Its moment pooling reads an organ map's position
     directly, which carries over to unseen subjects far better than raw intensities do.
 
+    With ``joint_saliency=False`` step 2 computes no saliency and LocalNet reads [c / coarse_scale_mm,
+    fixed, warped] (5 channels, + the 2 organ maps): Hu et al.'s GlobalNet + LocalNet, the baseline
+    the saliency is measured against.
+
     Everything is differentiable: a loss on "displacement" reaches GlobalNet directly through
     ``c`` and through ``warped`` and the saliency. Outputs: "displacement", "coarse" (mm),
-    "theta" (B, 3, 4), "saliency", and with segmentation "fixed_segmentation" and
-    "moving_segmentation" (B, 1, Z, Y, X) in [0, 1].
+    "theta" (B, 3, 4), "saliency" (unless ``joint_saliency=False``), and with segmentation
+    "fixed_segmentation" and "moving_segmentation" (B, 1, Z, Y, X) in [0, 1].
     """
 
     def __init__(self, size: Sequence[int], spacing: Sequence[float],
                  global_channels: Sequence[int] = (8, 16, 16, 32),
                  local_channels: Sequence[int] = (8, 16, 16, 32),
                  translation_scale_mm: float = 10.0, saliency_sigma_mm: float = 1.5,
-                 coarse_scale_mm: float = 10.0, segmentation_channels: Sequence[int] = ()) -> None:
+                 coarse_scale_mm: float = 10.0, segmentation_channels: Sequence[int] = (),
+                 joint_saliency: bool = True) -> None:
         super().__init__(size, spacing, global_channels=[int(c) for c in global_channels],
                          local_channels=[int(c) for c in local_channels],
                          translation_scale_mm=float(translation_scale_mm),
                          saliency_sigma_mm=float(saliency_sigma_mm), coarse_scale_mm=float(coarse_scale_mm),
-                         segmentation_channels=[int(c) for c in segmentation_channels])
+                         segmentation_channels=[int(c) for c in segmentation_channels],
+                         joint_saliency=bool(joint_saliency))
         organ = 2 if segmentation_channels else 0
         if organ:
             self.fixed_segmenter = Segmenter(size, spacing, channels=segmentation_channels)
@@ -255,8 +261,8 @@ class GlobalToLocal(_RegistrationNetwork):
         self.global_net = GlobalNet(size, spacing, channels=global_channels,
                                     translation_scale_mm=translation_scale_mm, in_channels=2 + organ)
         self.transformer = SpatialTransformer(self.grid)
-        self.saliency = JointSaliency(self.grid.spacing, sigma_mm=saliency_sigma_mm)
-        self.local_net = LocalNet(size, spacing, in_channels=6 + organ, channels=local_channels)
+        self.saliency = JointSaliency(self.grid.spacing, sigma_mm=saliency_sigma_mm) if joint_saliency else None
+        self.local_net = LocalNet(size, spacing, in_channels=5 + int(joint_saliency) + organ, channels=local_channels)
 
     def forward(self, fixed: torch.Tensor, moving: torch.Tensor) -> dict[str, torch.Tensor]:
         images = self.pair(fixed, moving)
@@ -267,13 +273,16 @@ class GlobalToLocal(_RegistrationNetwork):
         coarse_output = self.global_net.predict(images)
         coarse = coarse_output["displacement"]
         warped = self.transformer(moving, coarse, padding_mode="border")
-        saliency = self.saliency(fixed, warped)
-        inputs = [coarse / self.config["coarse_scale_mm"], saliency, fixed, warped]
+        inputs = [coarse / self.config["coarse_scale_mm"], fixed, warped]
+        saliency = {}
+        if self.saliency is not None:
+            saliency = {"saliency": self.saliency(fixed, warped)}
+            inputs.insert(1, saliency["saliency"])
         if organs:
             inputs += [organs["fixed_segmentation"], self.transformer(organs["moving_segmentation"], coarse)]
         residual = self.local_net.predict(torch.cat(inputs, dim=1))
         return {"displacement": compose(residual, coarse, self.grid), "coarse": coarse,
-                "theta": coarse_output["theta"], "saliency": saliency, **organs}
+                "theta": coarse_output["theta"], **saliency, **organs}
 
 
 class RegNet(_RegistrationNetwork):
