@@ -524,7 +524,7 @@ def test_label_cross_entropy_pulls_labels_that_do_not_overlap() -> None:
     """Two 4 mm blobs 12 mm apart do not overlap: the unsmoothed Dice gives no gradient, the smoothed
     cross-entropy does, towards the translation that aligns them, where it is smallest."""
     from DeepRegisterLib.spatial import Grid, warp
-    from training.objectives import label_cross_entropy, multiscale_dice, smoothed_labels
+    from training.objectives import label_cross_entropy, labels_present, multiscale_dice, smoothed_labels
 
     grid = Grid.canonical((21, 21, 21), (3.0, 3.0, 3.0))
     fixed, moving = _ball(grid, (0.0, 0.0, 0.0), 4.0), _ball(grid, (12.0, 0.0, 0.0), 4.0)
@@ -545,10 +545,12 @@ def test_label_cross_entropy_pulls_labels_that_do_not_overlap() -> None:
     values = {shift: float(losses(shift)[0]) for shift in (0.0, 6.0, 12.0, 18.0)}
     assert values[12.0] < values[6.0] < values[0.0] and values[12.0] < values[18.0], values
     # a label moved off the grid in one image is left out of the mean; none present gives zero
-    both = label_cross_entropy(torch.cat([fixed_smoothed, fixed_smoothed]),
-                               torch.cat([fixed_smoothed, torch.zeros_like(fixed_smoothed)]))
+    empty = torch.zeros_like(fixed)
+    present = labels_present(torch.cat([fixed, fixed]), torch.cat([moving, empty]))
+    assert present.tolist() == [True, False]
+    both = label_cross_entropy(torch.cat([fixed_smoothed, fixed_smoothed]), torch.cat([fixed_smoothed, empty]), present)
     assert float(both) == pytest.approx(float(label_cross_entropy(fixed_smoothed, fixed_smoothed)))
-    assert float(label_cross_entropy(torch.zeros_like(fixed), torch.zeros_like(fixed))) == 0.0
+    assert float(label_cross_entropy(empty, empty, labels_present(empty, empty))) == 0.0
 
 
 def test_label_cross_entropy_config_trains(tiny_data: Path, tmp_path: Path) -> None:

@@ -93,22 +93,27 @@ def smoothed_labels(labels: torch.Tensor, grid: Grid, sigma_mm: float) -> torch.
     return smoothed
 
 
-def label_cross_entropy(fixed: torch.Tensor, warped: torch.Tensor) -> torch.Tensor:
+def label_cross_entropy(fixed: torch.Tensor, warped: torch.Tensor, present: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy of the warped moving label against the fixed label, both smoothed by
     :func:`smoothed_labels` ((B, 1, Z, Y, X) in [0, 1]). Each item's sum over voxels is divided by
     the mean mass of its two maps, so that every label weighs the same however large it is (a 4 mm
     landmark as much as the gland), as Hu et al. normalise their smoothed maps; then the mean over
-    the items whose labels are present in both images (a label moved off the grid by augmentation
-    has nothing to align; zero when none is). The warped map is clamped to [1e-6, 1 - 1e-6]:
-    interpolation may overshoot 1 by a rounding error, and a voxel the other map does not reach
-    costs at most -log(1e-6) = 13.8."""
+    the items marked ``present`` ((B,) bool, default all: the caller leaves out labels that
+    augmentation moved off the grid in either image; zero when none is). The warped map is clamped
+    to [1e-6, 1 - 1e-6]: interpolation may overshoot 1 by a rounding error, and a voxel the other
+    map does not reach costs at most -log(1e-6) = 13.8."""
     dims = tuple(range(1, fixed.dim()))
     cross_entropy = binary_cross_entropy(warped.clamp(1e-6, 1.0 - 1e-6), fixed).sum(dim=dims)
-    present = ((fixed >= 0.5).sum(dim=dims) > 0) & ((warped >= 0.5).sum(dim=dims) > 0)
+    mass = (fixed.sum(dim=dims) + warped.sum(dim=dims)) / 2.0
+    present = torch.ones_like(mass, dtype=torch.bool) if present is None else present
     if not present.any():
         return cross_entropy.sum() * 0.0
-    mass = (fixed.sum(dim=dims) + warped.sum(dim=dims)) / 2.0
-    return (cross_entropy[present] / mass[present]).mean()
+    return (cross_entropy[present] / mass[present].clamp_min(1e-6)).mean()
+
+
+def labels_present(*labels: torch.Tensor) -> torch.Tensor:
+    """(B,) bool: items whose label (B, 1, Z, Y, X) has a voxel >= 0.5 in every one of ``labels``."""
+    return torch.stack([(label >= 0.5).flatten(1).any(dim=1) for label in labels]).all(dim=0)
 
 
 def centroid_errors(fixed_labels: torch.Tensor, moving_labels: torch.Tensor, displacement: torch.Tensor,
@@ -243,7 +248,8 @@ class Objective:
         bending = float(self.loss_config.get("bending", 0.0)) * bending_energy(displacement, spacing)
         if self.method == "weakly_supervised":
             if self.label_loss == "cross_entropy":
-                label = label_cross_entropy(batch["fixed_smoothed"], warp(batch["moving_smoothed"], displacement, self.grid))
+                label = label_cross_entropy(batch["fixed_smoothed"], warp(batch["moving_smoothed"], displacement, self.grid),
+                                            labels_present(batch["fixed_label"], batch["moving_label"]))
             else:
                 warped = warp(batch["moving_label"], displacement, self.grid)
                 label = multiscale_dice(batch["fixed_label"], warped,
