@@ -542,7 +542,7 @@ def test_label_cross_entropy_pulls_labels_that_do_not_overlap() -> None:
     (gradient,) = torch.autograd.grad(cross_entropy, translation)
     assert float(dice_gradient.abs().max()) < 1e-6
     assert float(gradient[0]) < -1e-3 and float(gradient[1:].abs().max()) < 0.1 * abs(float(gradient[0]))
-    values = {shift: float(losses(shift)[0]) for shift in (0.0, 6.0, 12.0, 18.0)}
+    values = {shift: float(losses(shift)[0].detach()) for shift in (0.0, 6.0, 12.0, 18.0)}
     assert values[12.0] < values[6.0] < values[0.0] and values[12.0] < values[18.0], values
     # a label moved off the grid in one image is left out of the mean; none present gives zero
     empty = torch.zeros_like(fixed)
