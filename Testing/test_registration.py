@@ -124,11 +124,11 @@ def test_gpu_out_of_memory_falls_back_to_cpu(monkeypatch: pytest.MonkeyPatch) ->
     real = registration._register
     devices = []
 
-    def fake(fixed, moving, model, device, *args):
+    def fake(fixed, moving, device, *args):
         devices.append(device.type)
         if device.type == "cuda":
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(fixed, moving, model, device, *args)
+        return real(fixed, moving, device, *args)
 
     monkeypatch.setattr(registration, "_register", fake)
     monkeypatch.setattr(registration, "resolve_device", lambda device: torch.device("cuda"))
@@ -165,6 +165,10 @@ def test_pyramid_levels_are_computed_once_and_saliency_grid_is_capped() -> None:
     displacement = torch.from_numpy(rng.normal(0, 2, (1, 3, *small_grid.shape)).astype(np.float32))
     expected = joint_saliency(small_fixed, spatial.warp(pyramid.saliency_level(1)[1], displacement, small_grid),
                               small_grid.spacing, 1.5)
+    # zero where the warped moving image has no data (here: beyond its grid), rescaled to [0, 1] inside
+    inside = spatial.warp(torch.ones_like(small_fixed), displacement, small_grid) > 0.99
+    assert 0.5 < inside.float().mean() < 1.0
+    expected = expected * inside / (expected * inside).amax()
     torch.testing.assert_close(pyramid.joint_saliency(1, displacement), expected)
     cached = pyramid._fixed_saliency[small_grid]
     torch.testing.assert_close(pyramid.joint_saliency(2, displacement), expected)

@@ -100,6 +100,108 @@ def mutual_information_loss(fixed: torch.Tensor, warped: torch.Tensor, bins: int
     return _MattesMutualInformation.apply(fixed.detach(), warped, weight.detach(), bins)
 
 
+# The six neighbours (z, y, x) at unit distance; the 12 SSC edges join each orthogonal pair of them once.
+_NEIGHBOURS = ((1, 0, 0), (-1, 0, 0), (0, 1, 0), (0, -1, 0), (0, 0, 1), (0, 0, -1))
+_SSC_EDGES = tuple((p, q) for i, p in enumerate(_NEIGHBOURS) for q in _NEIGHBOURS[i + 1:]
+                   if sum(a * b for a, b in zip(p, q)) == 0)
+
+
+def _ssc_layout() -> tuple[tuple[tuple[int, int, int], ...], tuple[tuple[int, tuple[int, int, int]], ...]]:
+    """The 6 diagonal steps s (one of +-(q - p) per edge) and, per edge of :data:`_SSC_EDGES`, the index
+    of its step and its anchor a (p or q): (I(x + p) - I(x + q))^2 = (I(y) - I(y + s))^2 at y = x + a."""
+    steps, layout = [], []
+    for p, q in _SSC_EDGES:
+        forward = tuple(b - a for a, b in zip(p, q))
+        step, anchor = max((forward, p), (tuple(-v for v in forward), q))
+        if step not in steps:
+            steps.append(step)
+        layout.append((steps.index(step), anchor))
+    return tuple(steps), tuple(layout)
+
+
+_SSC_STEPS, _SSC_LAYOUT = _ssc_layout()
+
+
+def _smooth_valid(volume: torch.Tensor, kernel: list[float]) -> torch.Tensor:
+    """Separable convolution of (B, C, Z, Y, X) with a symmetric 1D ``kernel`` (centre tap first, then
+    the taps at distance 1, 2, ...) along Z, Y and X without padding: each axis loses 2 (len(kernel) - 1)
+    voxels. Shifted slices added in place: 3x faster on one CPU thread than a grouped conv3d."""
+    radius = len(kernel) - 1
+    for dim in (2, 3, 4):
+        n = volume.shape[dim] - 2 * radius
+        out = volume.narrow(dim, radius, n) * kernel[0]
+        for i in range(1, radius + 1):
+            out.add_(volume.narrow(dim, radius - i, n), alpha=kernel[i])
+            out.add_(volume.narrow(dim, radius + i, n), alpha=kernel[i])
+        volume = out
+    return volume
+
+
+class _SmoothValid(torch.autograd.Function):
+    """:func:`_smooth_valid` with its adjoint as gradient: the same smoothing of the incoming gradient
+    zero-padded by twice the kernel's radius. Autograd through the slices fills one input-sized buffer
+    per shifted slice: :func:`mind_ssc`'s backward on 128^3 took 7 s on one CPU thread, 1 s with this."""
+
+    @staticmethod
+    def forward(ctx, volume: torch.Tensor, kernel: list[float]) -> torch.Tensor:
+        ctx.kernel = kernel
+        return _smooth_valid(volume, kernel)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return _smooth_valid(F.pad(grad, (2 * (len(ctx.kernel) - 1),) * 6), ctx.kernel), None
+
+
+def mind_ssc(image: torch.Tensor, dilation: int = 2, sigma: float = 0.8) -> torch.Tensor:
+    """MIND-SSC descriptors (B, 12, Z, Y, X), values in (0, 1] and 1 in the nearest channel, of an
+    image (B, 1, Z, Y, X) of any intensity scale (Heinrich et al., MICCAI 2013); differentiable.
+
+    Channel k belongs to the k-th edge (p, q) of :data:`_SSC_EDGES`, two orthogonal offsets (z, y, x)
+    of the six-neighbourhood at ``dilation`` voxels: D_k(x) is the Gaussian-weighted (``sigma``
+    voxels, truncated at ceil(2 sigma)) patch mean of (I(x + p) - I(x + q))^2 around x, V(x) the mean
+    of D over the channels clamped to [0.001, 1000] x its mean over each item's volume, and the descriptor
+    exp(-(D_k - min_j D_j) / V) = exp(-D_k / V) / max_j exp(-D_j / V). Offsets and sigma are in
+    voxels of the grid of ``image``: isotropic in mm only on an isotropic grid. The image border is
+    replicated. The 12 maps are 6 smoothed squared differences, one per diagonal step, each read
+    at two shifts: 0.2-0.3 s for 128^3 on one CPU thread.
+    """
+    d, radius = dilation, max(1, math.ceil(2 * sigma))
+    taps = [math.exp(-0.5 * (i / sigma) ** 2) for i in range(radius + 1)]
+    kernel = [tap / (2 * sum(taps) - taps[0]) for tap in taps]
+    shape = tuple(image.shape[2:])
+    extent = tuple(n + 2 * (d + radius) for n in shape)  # the patch voxels x + p + k, |p| <= d, |k| <= radius
+
+    def shifted(volume: torch.Tensor, offset: tuple[int, int, int], size: tuple[int, ...]) -> torch.Tensor:
+        return volume[(..., *(slice(d + o * d, d + o * d + n) for o, n in zip(offset, size)))]
+
+    padded = F.pad(image, (2 * d + radius,) * 6, mode="replicate")
+    centre = shifted(padded, (0, 0, 0), extent)
+    squared = torch.cat([(centre - shifted(padded, step, extent)).square() for step in _SSC_STEPS], dim=1)
+    smoothed = _SmoothValid.apply(squared, kernel)  # voxel 0 is x = -d on each axis
+    channels = smoothed.split(1, dim=1)  # separate tensors: the gradient of a shifted view fills one channel
+    distances = [shifted(channels[k], anchor, shape) for k, anchor in _SSC_LAYOUT]
+    variance = sum(distances) / len(distances)
+    mean = variance.mean(dim=(2, 3, 4), keepdim=True)
+    # tiny: a flat image gives 1 in every channel, not 0 / 0
+    variance = variance.clamp(max=1000 * mean).clamp(min=0.001 * mean + torch.finfo(variance.dtype).tiny)
+    nearest = functools.reduce(torch.minimum, distances)
+    return torch.cat([(nearest - distance) / variance for distance in distances], dim=1).exp_()
+
+
+def mind_loss(fixed_descriptors: torch.Tensor, warped_descriptors: torch.Tensor,
+              weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over voxels of the mean squared difference over the channels of two :func:`mind_ssc`
+    descriptor maps (B, 12, ...): dense volumes, subgrids or sampled points (B, 12, N, 1, 1); 0 when
+    they are equal. ``weight`` (B, 1, ...), or any shape that broadcasts to it, weights each voxel:
+    sum(w * ssd) / sum(w).
+    """
+    ssd = (fixed_descriptors - warped_descriptors).square().mean(dim=1, keepdim=True)
+    if weight is None:
+        return ssd.mean()
+    weight = weight.expand_as(ssd)
+    return (ssd * weight).sum() / weight.sum().clamp(min=1e-8)
+
+
 def soft_dice(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Soft Dice per batch item (B,) of two (B, C, ...) maps in [0, 1] (dense volumes or sampled points)."""
     dims = tuple(range(1, a.dim()))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -20,9 +20,10 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from . import spatial
-from .imageio import InputError, center_alignment, check_volume, physical_box
-from .losses import BendingEnergy, lncc_loss, mutual_information_loss, soft_dice
+from . import guard, spatial
+from .imageio import InputError, check_volume
+from .losses import BendingEnergy, lncc_loss, mind_loss, mind_ssc, mutual_information_loss, soft_dice
+from .masks import foreground_center, resolve_masks
 from .models import ModelCard, load_model
 from .saliency import FixedSaliency, gaussian_smooth
 from .spatial import Grid
@@ -37,11 +38,18 @@ FINEST_SIGMA_MM = 0.5  # Gaussian smoothing of the finest fine-tuning level (ult
 BENDING_WEIGHT = 5.0
 MATRIX_LR, TRANSLATION_LR = 5e-4, 0.1  # Adam steps: unitless, mm (the local field's: the card's finetune_step_mm)
 CONTROL_DIVISIONS = (4, 8)  # velocity control-point spacings = the grid's longest extent / these
-VELOCITY_SQUARINGS = 2  # scaling and squaring steps of the fine-tuning velocity (12 dev ultrasound-like pairs: 4 and 2 the same TRE, 2 is 7 % faster)
+VELOCITY_SQUARINGS = 2  # fewest scaling and squaring steps of the fine-tuning velocity
+MAX_STEP_VOXELS = 0.25  # more squarings until the scaled velocity is below this many velocity-grid voxels
 FINAL_STEP_SCALE = 0.2  # Adam's step sizes fall linearly to this fraction over each level
 COARSE_FRACTION = 0.25  # fine-tuning steps on the half-resolution level (dev ultrasound-like pairs: 0.5 -> 0.31 mm, 0.25: 0.29)
 MIN_ORGAN_ML = 1.0  # smallest organ map (mL above probability 0.5) that fine-tuning follows
 COARSE_SAMPLE_FRACTION = 0.5  # of the MI samples on that level (generic at 128^3: stride 3 instead of 2, 13 % less fine-tuning time, the same TRE on 12 dev pairs x 2 seeds)
+SIMILARITIES = ("mi", "mind", "lncc")
+INITIAL_POSITIONS = ("auto", "centers", "physical")
+MIN_OVERLAP = 0.05  # the fixed foreground share that must lie in the moving one at the start
+MIN_PHYSICAL_OVERLAP = 0.5  # "auto" start: the fixed foreground share that must map into the moving image
+MIND_WEIGHT = 10.0  # MIND-SSC SSD (about 0.01-0.1 per voxel) scaled to the range of mutual information
+CENTERS_MARGIN = 0.02  # "auto" start: relative MIND gain the centre alignment needs over the physical positions
 
 
 class RegistrationCancelled(RuntimeError):
@@ -60,7 +68,21 @@ class RegistrationResult:
     model: str
     device: str
     iterations: int
+    similarity: str  # "mi", "mind" or "lncc": what fine-tuning compared
+    initial: str  # "centers" or "physical": the start position used
+    initial_transform: sitk.TranslationTransform  # fixed -> moving start position, LPS mm
+    fixed_mask: sitk.Image | None  # UInt8 masks used (given or detected), on their images' grids
+    moving_mask: sitk.Image | None
+    stages: list[dict]  # each stage's scores and whether the guard accepted it
+    kept_stage: str
+    min_jacobian: float
     messages: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # the guard's: the result is not a plain success
+
+    @property
+    def succeeded(self) -> bool:
+        """Every stage was accepted and nothing needs the user's attention."""
+        return not self.warnings
 
     def displacement_field(self) -> sitk.Image:
         """A copy of the displacement field (vector image, mm, LPS) on the fixed grid."""
@@ -111,9 +133,12 @@ def model_grid(fixed: sitk.Image, card: ModelCard) -> Grid:
     return Grid.centered(grid.center, size, (step,) * 3, grid.direction)
 
 
-def normalize_intensity(image: sitk.Image, percentiles: list[float]) -> tuple[float, float]:
-    """Intensity window (low, high) from the image's percentiles."""
+def normalize_intensity(image: sitk.Image, percentiles: list[float], mask: sitk.Image | None = None
+                        ) -> tuple[float, float]:
+    """Intensity window (low, high) from the image's percentiles (inside ``mask`` when given)."""
     array = sitk.GetArrayViewFromImage(image)
+    if mask is not None:
+        array = array[sitk.GetArrayViewFromImage(mask) > 0]
     low, high = np.percentile(array, percentiles)
     if high <= low:
         low, high = float(array.min()), float(array.max())
@@ -129,29 +154,51 @@ def to_model_tensor(image: sitk.Image, grid: Grid, transform: sitk.Transform, wi
     return torch.from_numpy(np.clip(array, 0, 1)).to(device)[None, None]
 
 
+def mask_tensor(image: sitk.Image, mask: sitk.Image | None, grid: Grid, transform: sitk.Transform,
+                device: torch.device) -> torch.Tensor:
+    """Where ``image`` holds data (``mask``, or its whole volume), resampled through ``transform`` onto
+    ``grid`` (linear, 0 outside): (1, 1, Z, Y, X) in [0, 1]."""
+    if mask is None:
+        mask = sitk.Image(image.GetSize(), sitk.sitkUInt8) + 1
+        mask.CopyInformation(image)
+    resampled = sitk.Resample(mask, grid.reference_image(), transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    return torch.from_numpy(sitk.GetArrayFromImage(resampled)).to(device)[None, None]
+
+
 @dataclass(frozen=True)
 class PairInputs:
     """A pair as the network and fine-tuning see it: the moving image under ``shift`` (fixed ->
-    moving, mm; the centre alignment) and each image's intensity window, to be placed on any grid."""
+    moving, mm; the start position), each image's intensity window and mask (None: all of it),
+    to be placed on any grid."""
 
     fixed: sitk.Image
     moving: sitk.Image
-    shift: sitk.Transform
+    shift: sitk.TranslationTransform
     fixed_window: tuple[float, float]
     moving_window: tuple[float, float]
+    fixed_mask: sitk.Image | None = None
+    moving_mask: sitk.Image | None = None
 
     @classmethod
-    def prepare(cls, fixed: sitk.Image, moving: sitk.Image, card: ModelCard, align_centers: bool = True
-                ) -> "PairInputs":
-        """Centre shift (identity unless ``align_centers``) and the card's percentile windows."""
-        shift = center_alignment(fixed, moving) if align_centers else sitk.TranslationTransform(3)
-        return cls(fixed, moving, shift, normalize_intensity(fixed, card.intensity_percentiles),
-                   normalize_intensity(moving, card.intensity_percentiles))
+    def prepare(cls, fixed: sitk.Image, moving: sitk.Image, card: ModelCard, shift: sitk.TranslationTransform,
+                fixed_mask: sitk.Image | None = None, moving_mask: sitk.Image | None = None) -> "PairInputs":
+        """The card's percentile windows, taken inside the masks."""
+        return cls(fixed, moving, shift, normalize_intensity(fixed, card.intensity_percentiles, fixed_mask),
+                   normalize_intensity(moving, card.intensity_percentiles, moving_mask), fixed_mask, moving_mask)
 
     def on(self, grid: Grid, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Fixed and shifted moving image resampled onto ``grid``, windowed to [0, 1]: (1, 1, Z, Y, X) each."""
         return (to_model_tensor(self.fixed, grid, sitk.Transform(), self.fixed_window, device),
                 to_model_tensor(self.moving, grid, self.shift, self.moving_window, device))
+
+    def masks_on(self, grid: Grid, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where the fixed and the shifted moving image hold data, on ``grid``: (1, 1, Z, Y, X) in [0, 1] each."""
+        return (mask_tensor(self.fixed, self.fixed_mask, grid, sitk.Transform(), device),
+                mask_tensor(self.moving, self.moving_mask, grid, self.shift, device))
+
+    def judge(self, grid: Grid, device: torch.device) -> guard.StageJudge:
+        """The guard's judge of alignments of this pair on ``grid``."""
+        return guard.StageJudge(*self.on(grid, device), *self.masks_on(grid, device), grid)
 
 
 def downsample(volume: torch.Tensor, grid: Grid, factor: int) -> tuple[torch.Tensor, Grid]:
@@ -204,23 +251,30 @@ class PairDeformation(torch.nn.Module):
         self.bending = torch.nn.ModuleList(BendingEnergy(control.shape, control.spacing) for control in self.control_grids)
         self._interpolators: dict[Grid, spatial.SeparableInterpolator] = {}  # from the velocity grid, per target grid
 
+    def squarings(self, velocity: torch.Tensor) -> int:
+        """Scaling and squaring steps for ``velocity``: at least VELOCITY_SQUARINGS, and enough that
+        the scaled velocity moves no voxel by more than MAX_STEP_VOXELS of the velocity grid."""
+        largest = float(velocity.detach().abs().amax()) / (MAX_STEP_VOXELS * self.velocity_grid.spacing[0])
+        return max(VELOCITY_SQUARINGS, math.ceil(math.log2(largest)) if largest > 1.0 else 0)
+
     def local_field(self) -> torch.Tensor:
         """The integrated local displacement (1, 3, Z, Y, X) in mm on ``velocity_grid`` (only with
         control grids); when gradients are recorded, they flow to the velocity as if the exponential
         were the identity."""
         velocity = sum(spline(values) for spline, values in zip(self.splines, self.fields))
+        steps = self.squarings(velocity)
         if not torch.is_grad_enabled():
-            return self.integrator(velocity)
+            return self.integrator(velocity, steps)
         # the exact exponential forward, its gradient taken as the identity (first order in the
         # velocity's spatial derivatives): no backward pass through the squarings, same accuracy
         with torch.no_grad():
-            correction = self.integrator(velocity) - velocity
+            correction = self.integrator(velocity, steps) - velocity
         return velocity + correction
 
-    def displacement_on(self, grid: Grid) -> torch.Tensor:
+    def displacement_on(self, grid: Grid, local: bool = True) -> torch.Tensor:
         """The correction (1, 3, Z, Y, X) in mm at every voxel of ``grid`` (which has the fine-tuning
-        grid's direction): the affine part per index axis, the local field by separable trilinear
-        interpolation from the velocity grid (border values outside it)."""
+        grid's direction): the affine part per index axis, the local field (unless not ``local``) by
+        separable trilinear interpolation from the velocity grid (border values outside it)."""
         index_to_physical = torch.as_tensor(grid.index_to_physical, dtype=self.matrix.dtype, device=self.matrix.device)
         per_index = self.matrix @ index_to_physical  # displacement per voxel step along x, y, z
         origin = torch.as_tensor(grid.origin, dtype=self.matrix.dtype, device=self.matrix.device)
@@ -228,7 +282,7 @@ class PairDeformation(torch.nn.Module):
         for axis, shape in enumerate(((1, 1, -1), (1, -1, 1), (-1, 1, 1))):
             steps = torch.arange(grid.size[axis], dtype=affine.dtype, device=affine.device).view(1, 1, *shape)
             affine = affine + per_index[:, axis].view(1, 3, 1, 1, 1) * steps
-        if not self.control_grids:
+        if not (self.control_grids and local):
             return affine
         if grid not in self._interpolators:
             self._interpolators[grid] = spatial.SeparableInterpolator(self.velocity_grid, grid).to(affine.device)
@@ -245,19 +299,25 @@ class Pyramid:
 
     ``organs``: optionally the network's organ probability maps of the fixed and the (centre-shifted)
     moving image on ``grid``, (1, 1, Z, Y, X) in [0, 1] each; ``organ_level(f)`` gives them at level ``f``.
+    ``masks``: where the fixed and the shifted moving image hold data on ``grid`` (default: everywhere);
+    ``mask_level(f)`` gives them at level ``f``.
 
     ``level(f)`` smooths with sigma = f / 2 voxels (FINEST_SIGMA_MM for f = 1) and resamples
     ``f`` times coarser over the same extent (:func:`downsample`); ``saliency_level(f)`` is the
     level that level ``f``'s joint saliency map is computed on (at most SALIENCY_GRID_VOXELS per side);
-    ``joint_saliency(f, displacement)`` the map there, Gaussian window ``saliency_sigma_mm``.
+    ``joint_saliency(f, displacement)`` the map there, Gaussian window ``saliency_sigma_mm``, zero
+    outside the masks.
     """
 
     def __init__(self, fixed: torch.Tensor, moving: torch.Tensor, grid: Grid, saliency_sigma_mm: float,
-                 organs: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+                 organs: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 masks: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         self.fixed, self.moving, self.grid, self.saliency_sigma_mm = fixed, moving, grid, saliency_sigma_mm
         self.organs = organs
+        self.masks = masks if masks is not None else (torch.ones_like(fixed), torch.ones_like(moving))
         self._levels: dict[int, tuple[torch.Tensor, torch.Tensor, Grid]] = {}
         self._organ_levels: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._mask_levels: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._fixed_saliency: dict[Grid, FixedSaliency] = {}
 
     def level(self, factor: int) -> tuple[torch.Tensor, torch.Tensor, Grid]:
@@ -277,19 +337,34 @@ class Pyramid:
             self._organ_levels[factor] = (downsample(fixed, self.grid, factor)[0], downsample(moving, self.grid, factor)[0])
         return self._organ_levels[factor]
 
+    def mask_level(self, factor: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(fixed mask, moving mask) on level ``factor``'s grid, in [0, 1]."""
+        if factor not in self._mask_levels:
+            self._mask_levels[factor] = tuple(downsample(mask, self.grid, factor)[0].clamp(0, 1) for mask in self.masks)
+        return self._mask_levels[factor]
+
+    def saliency_factor(self, factor: int) -> int:
+        """The level whose grid level ``factor``'s joint saliency is computed on: ``factor`` itself,
+        or a coarser one (at most SALIENCY_GRID_VOXELS per side)."""
+        return factor * max(1, math.ceil(max(self.level(factor)[2].size) / SALIENCY_GRID_VOXELS))
+
     def saliency_level(self, factor: int) -> tuple[torch.Tensor, torch.Tensor, Grid]:
         """The saliency images for level ``factor``: the level itself, or a coarser one."""
-        size = max(self.level(factor)[2].size)
-        return self.level(factor * max(1, math.ceil(size / SALIENCY_GRID_VOXELS)))
+        return self.level(self.saliency_factor(factor))
 
     def joint_saliency(self, factor: int, displacement: torch.Tensor) -> torch.Tensor:
         """Joint saliency (1, 1, Z, Y, X) in [0, 1] on the grid of ``saliency_level(factor)``, of the fixed
         image and the moving image warped by ``displacement`` (1, 3, Z, Y, X) in mm on that grid; the
-        fixed image's half of the map is computed once per grid."""
+        fixed image's half of the map is computed once per grid. Zero where either image has no data
+        (outside the masks, eroded by the saliency window), rescaled to [0, 1] inside."""
         fixed, moving, grid = self.saliency_level(factor)
+        fixed_mask, moving_mask = self.mask_level(self.saliency_factor(factor))
         if grid not in self._fixed_saliency:
             self._fixed_saliency[grid] = FixedSaliency(fixed, grid.spacing, self.saliency_sigma_mm)
-        return self._fixed_saliency[grid](spatial.warp(moving, displacement, grid))
+        warped, warped_mask = spatial.warp(torch.cat([moving, moving_mask], dim=1), displacement, grid).split(1, dim=1)
+        inside = (fixed_mask * warped_mask > 0.99).to(warped.dtype)
+        saliency = self._fixed_saliency[grid](warped) * inside
+        return saliency / saliency.amax().clamp(min=1e-6)
 
 
 def organ_loss(fixed_organ: torch.Tensor, moving_organ: torch.Tensor, coordinates: torch.Tensor) -> torch.Tensor:
@@ -345,9 +420,11 @@ def fine_tune(pyramid: Pyramid, initial: torch.Tensor, iterations: int,
     the pyramid's grid).
 
     Two resolution levels (half, for COARSE_FRACTION of the steps, then full), Adam; the
-    similarity is mutual information (Mattes et al.'s estimator) on a strided subgrid of voxels
-    at a random offset each step ("mi") or dense LNCC ("lncc"), each voxel weighted by
-    ``1 + joint saliency`` of the alignment the level starts from (on the saliency grid), plus
+    similarity is mutual information (Mattes et al.'s estimator, "mi") or the SSD of MIND-SSC
+    descriptors ("mind", computed once per level and interpolated) on a strided subgrid of voxels
+    at a random offset each step, or dense LNCC ("lncc"), each voxel weighted by
+    ``1 + joint saliency`` of the alignment the level starts from (on the saliency grid) and by
+    the pyramid's masks (the moving one where the voxel lands), plus
     bending energy of the correction. ``field_step_mm``: Adam's step for the local
     field's control points (mm, doubled on the coarse level); small for a few steps from a good
     network prediction; 0: no local field, an affine correction alone. ``samples``: about this many MI samples per step on the finest level,
@@ -356,8 +433,8 @@ def fine_tune(pyramid: Pyramid, initial: torch.Tensor, iterations: int,
     adds this times (1 - soft Dice) of the fixed organ map and the warped moving one, on the same
     voxels as the similarity: it pulls the organ's outline together where intensities alone do not.
     """
-    if metric not in ("mi", "lncc"):
-        raise InputError(f"Unknown fine-tuning metric '{metric}': use 'mi' or 'lncc'.")
+    if metric not in SIMILARITIES:
+        raise InputError(f"Unknown similarity '{metric}': use one of {', '.join(SIMILARITIES)}.")
     grid = pyramid.grid
     device = initial.device
     extent = float(((np.asarray(grid.size) - 1) * np.asarray(grid.spacing)).max())
@@ -372,7 +449,13 @@ def fine_tune(pyramid: Pyramid, initial: torch.Tensor, iterations: int,
         if steps == 0:
             continue
         level_fixed, level_moving, level_grid = pyramid.level(factor)
+        fixed_mask, moving_mask = pyramid.mask_level(factor)
         fixed_organ, moving_organ = pyramid.organ_level(factor) if use_organs else (None, None)
+        if metric == "mind":
+            fixed_features, moving_features = mind_ssc(level_fixed), mind_ssc(level_moving)
+        else:
+            fixed_features, moving_features = level_fixed, level_moving
+        moving_stack = torch.cat([moving_features, moving_mask], dim=1)  # interpolated together
         level_initial = spatial.resample_field(initial, grid, level_grid) if factor > 1 else initial
         # grid_sample coordinates of the voxels mapped by the initial field, and their change per mm
         per_mm = spatial.normalized_per_mm(level_grid, device=device)
@@ -388,31 +471,35 @@ def fine_tune(pyramid: Pyramid, initial: torch.Tensor, iterations: int,
             if step == 0:  # saliency of the alignment each level starts from (once: the same TRE as twice)
                 with torch.no_grad():
                     saliency = pyramid.joint_saliency(factor, small_initial + deformation.displacement_on(small_grid))
-                    weight_map = 1.0 + F.interpolate(saliency, size=level_grid.shape, mode="trilinear",
-                                                     align_corners=True)
+                    weight_map = fixed_mask * (1.0 + F.interpolate(saliency, size=level_grid.shape,
+                                                                   mode="trilinear", align_corners=True))
                 subgrids: dict[tuple[int, int, int],
                                tuple[Grid, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
             optimizer.zero_grad()
-            if metric == "mi":
+            if metric != "lncc":
                 offset = tuple(torch.randint(0, stride, (3,), generator=generator, device=device).tolist())
                 if offset not in subgrids:  # each subgrid's fixed values, weights and start coordinates, gathered once
                     ox, oy, oz = offset
                     voxels = (..., slice(oz, None, stride), slice(oy, None, stride), slice(ox, None, stride))
-                    subgrids[offset] = (level_grid.strided(offset, stride), level_fixed[voxels].contiguous(),
+                    subgrids[offset] = (level_grid.strided(offset, stride), fixed_features[voxels].contiguous(),
                                         weight_map[voxels].contiguous(), initial_coordinates[voxels + (slice(None),)].contiguous(),
                                         fixed_organ[voxels].contiguous() if use_organs else None)
                 subgrid, subgrid_fixed, subgrid_weight, subgrid_coordinates, subgrid_organ = subgrids[offset]
                 correction = deformation.displacement_on(subgrid)
                 coordinates = subgrid_coordinates + correction.permute(0, 2, 3, 4, 1) @ per_mm
-                inside = (coordinates.abs() <= 1).all(dim=-1)
-                values = spatial.sample_normalized(level_moving, coordinates)
-                similarity = mutual_information_loss(subgrid_fixed, values, weight=subgrid_weight * inside)
+                values, landed = spatial.sample_normalized(moving_stack, coordinates).split(
+                    [moving_features.shape[1], 1], dim=1)
+                if metric == "mi":
+                    similarity = mutual_information_loss(subgrid_fixed, values, weight=subgrid_weight * landed.detach())
+                else:
+                    similarity = MIND_WEIGHT * mind_loss(subgrid_fixed, values, subgrid_weight * landed.detach())
                 if use_organs:
                     similarity = similarity + organ_weight * organ_loss(subgrid_organ, moving_organ, coordinates)
             else:
                 coordinates = initial_coordinates + deformation.displacement_on(level_grid).permute(0, 2, 3, 4, 1) @ per_mm
                 warped = spatial.sample_normalized(level_moving, coordinates, padding_mode="border")
-                similarity = lncc_loss(level_fixed, warped, weight=weight_map)
+                landed = spatial.sample_normalized(moving_mask, coordinates).detach()
+                similarity = lncc_loss(level_fixed, warped, weight=weight_map * landed)
                 if use_organs:
                     similarity = similarity + organ_weight * organ_loss(fixed_organ, moving_organ, coordinates)
             loss = similarity + BENDING_WEIGHT * deformation.regularization()
@@ -444,83 +531,159 @@ def organ_maps(outputs: dict[str, torch.Tensor], grid: Grid, target: Grid, messa
     return placed[:, :1], placed[:, 1:]
 
 
-def _check_overlap(fixed_grid: Grid, field: torch.Tensor, moving: sitk.Image) -> None:
-    """Raise when almost none of the fixed volume (every 4th voxel) maps into the moving one."""
-    points = spatial.physical_points(fixed_grid.strided((0, 0, 0), 4), device=field.device)
-    mapped = (points + field[0, :, ::4, ::4, ::4].permute(1, 2, 3, 0)).reshape(-1, 3).double().cpu().numpy()
-    moving_grid = Grid.from_image(moving)
-    index = moving_grid.physical_to_index(mapped)
-    inside = np.all((index >= -0.5) & (index <= np.asarray(moving_grid.size) - 0.5), axis=1).mean()
-    if inside < 0.05:
-        raise InputError(f"The fixed and moving volumes do not overlap in physical space ({inside:.1%} of the "
-                         "fixed volume maps into the moving one). Check their origins and directions, or "
-                         "let DeepRegister align their centres.")
+def resolve_similarity(similarity: str, card: ModelCard) -> str:
+    """"auto" -> the model card's similarity (the one its fine-tuning settings were chosen with)."""
+    if similarity == "auto":
+        return card.finetune_metric
+    if similarity not in SIMILARITIES:
+        raise InputError(f"Unknown similarity '{similarity}': use auto or one of {', '.join(SIMILARITIES)}.")
+    return similarity
+
+
+def judge_grid(fixed: sitk.Image) -> Grid:
+    """The grid the guard scores alignments on: the fixed image's extent, at most
+    SALIENCY_GRID_VOXELS along its longest side."""
+    return model_grid(fixed, ModelCard(name="", description="", architecture="", config={},
+                                       input_size=[SALIENCY_GRID_VOXELS] * 3, spacing_mm=[0.0] * 3))
+
+
+def physical_overlap(fixed: sitk.Image, fixed_mask: sitk.Image | None, moving: sitk.Image,
+                     moving_mask: sitk.Image | None, shift: sitk.TranslationTransform) -> float:
+    """Share of the fixed foreground (its mask, else the whole image; about 4,000 voxels) that ``shift``
+    maps into the moving foreground (its mask, else the whole image)."""
+    fixed_inside = (sitk.GetArrayViewFromImage(fixed_mask) > 0 if fixed_mask is not None
+                    else np.ones(fixed.GetSize()[::-1], dtype=bool))
+    index = np.argwhere(fixed_inside)[:, ::-1]
+    index = index[::max(1, len(index) // 4096)]
+    grid, moving_grid = Grid.from_image(fixed), Grid.from_image(moving)
+    points = np.asarray(grid.origin) + index @ grid.index_to_physical.T + np.asarray(shift.GetOffset())
+    voxels = np.round(moving_grid.physical_to_index(points)).astype(int)
+    inside = np.all((voxels >= 0) & (voxels < np.asarray(moving_grid.size)), axis=1)
+    if moving_mask is not None:
+        x, y, z = voxels[inside].T
+        inside[inside] = sitk.GetArrayViewFromImage(moving_mask)[z, y, x] > 0
+    return float(inside.mean())
+
+
+def start_position(inputs: PairInputs, judge_masks: tuple[sitk.Image | None, sitk.Image | None], initial: str,
+                   device: torch.device, messages: list[str]) -> tuple[sitk.TranslationTransform, str]:
+    """The fixed -> moving translation registration starts from, and its name ("physical" or "centers").
+
+    "physical": the images' physical positions; "centers": the centres of the foregrounds (the
+    masks of ``inputs``, else the whole images) coincide; "auto": of the physical positions (when at
+    least MIN_PHYSICAL_OVERLAP of the fixed foreground lies in the moving one there), the foreground
+    centres and the image centres aligned, the one that scores best (MIND-SSC inside ``judge_masks``),
+    the physical positions unless another scores better by CENTERS_MARGIN.
+    """
+    fixed, moving = inputs.fixed, inputs.moving
+    centers = sitk.TranslationTransform(3, (foreground_center(moving, inputs.moving_mask)
+                                            - foreground_center(fixed, inputs.fixed_mask)).tolist())
+    if initial != "auto":
+        return (sitk.TranslationTransform(3), "physical") if initial == "physical" else (centers, "centers")
+    candidates = {"the foreground centres aligned": centers}
+    if inputs.fixed_mask is not None or inputs.moving_mask is not None:
+        candidates["the image centres aligned"] = sitk.TranslationTransform(
+            3, (foreground_center(moving, None) - foreground_center(fixed, None)).tolist())
+    overlap = physical_overlap(fixed, judge_masks[0], moving, judge_masks[1], sitk.TranslationTransform(3))
+    if overlap >= MIN_PHYSICAL_OVERLAP:
+        candidates["the physical positions"] = sitk.TranslationTransform(3)
+    grid = judge_grid(fixed)
+    zero = torch.zeros(1, 3, *grid.shape, device=device)
+    scores = {name: replace(inputs, shift=shift, fixed_mask=judge_masks[0], moving_mask=judge_masks[1])
+              .judge(grid, device).score(name, zero, 0.0).mind for name, shift in candidates.items()}
+    best = min(scores, key=scores.get)
+    if "the physical positions" in scores and scores[best] >= scores["the physical positions"] * (1.0 - CENTERS_MARGIN):
+        best = "the physical positions"
+    reason = ("they match best" if overlap >= MIN_PHYSICAL_OVERLAP else
+              f"at their physical positions only {overlap:.0%} of the fixed image lies in the moving one")
+    messages.append(f"Started from {best}: {reason}.")
+    return candidates[best], "physical" if best == "the physical positions" else "centers"
 
 
 def register(fixed: sitk.Image, moving: sitk.Image, model: str | None = None, device: str = "auto",
              iterations: int | None = None, progress: ProgressCallback | None = None, *,
-             metric: str | None = None, align_centers: bool = True) -> RegistrationResult:
+             similarity: str = "auto", initial: str = "auto", fixed_mask: sitk.Image | None = None,
+             moving_mask: sitk.Image | None = None, detect_fov: bool = True) -> RegistrationResult:
     """Register ``moving`` to ``fixed`` (SimpleITK 3D scalar volumes of any size, spacing, direction).
 
-    ``model``: a model name or folder (see :mod:`DeepRegisterLib.models`); ``None`` runs
+    ``model``: a model name or folder (see :mod:`DeepRegisterLib.models`); ``None`` or "none" runs
     fine-tuning alone from the identity. ``iterations``: fine-tuning steps (default: the model
-    card's ``finetune_iterations``, 150 without a model). ``metric``: "mi" or "lncc" for fine-tuning (default from the model card,
-    "mi" without a model). ``align_centers``: first shift the moving image so the image centres
-    coincide. ``progress(stage, fraction)`` is called during each stage; return ``False`` to
-    cancel (raises :class:`RegistrationCancelled`). On a CUDA out-of-memory error the
+    card's ``finetune_iterations``, DEFAULT_ITERATIONS_WITHOUT_MODEL without a model).
+    ``similarity``: "mi", "mind" (MIND-SSC) or "lncc" for fine-tuning; "auto": the model card's.
+    ``initial``: the start position, "physical", "centers" (of the foregrounds) or "auto" (see
+    :func:`start_position`). ``fixed_mask``, ``moving_mask``: label images on their image's grid,
+    nonzero where the image holds data to compare; without one, ``detect_fov`` looks for an
+    ultrasound field of view (see :mod:`DeepRegisterLib.masks`). Masks restrict intensity
+    normalisation, similarity, joint saliency and the centre alignment.
+
+    Each stage (start, network, affine and deformable fine-tuning) is judged inside the masks
+    (:mod:`DeepRegisterLib.guard`); a stage that makes the alignment worse, or folds, is dropped
+    and ``warnings`` say so. ``progress(stage, fraction)`` is called during each stage; return
+    ``False`` to cancel (raises :class:`RegistrationCancelled`). On a CUDA out-of-memory error the
     registration is redone on the CPU with a warning.
     """
     fixed = check_volume(fixed, "fixed")
     moving = check_volume(moving, "moving")
     if iterations is not None and iterations < 0:
         raise InputError("The number of fine-tuning iterations cannot be negative.")
+    if initial not in INITIAL_POSITIONS:
+        raise InputError(f"Unknown initial position '{initial}': use {', '.join(INITIAL_POSITIONS)}.")
+    if similarity != "auto" and similarity not in SIMILARITIES:
+        raise InputError(f"Unknown similarity '{similarity}': use auto or one of {', '.join(SIMILARITIES)}.")
+    messages: list[str] = []
+    masks = resolve_masks(fixed, moving, fixed_mask, moving_mask, detect_fov, messages)
+    judge_masks = masks if detect_fov else resolve_masks(fixed, moving, fixed_mask, moving_mask, True, [])
+    model = None if model in (None, "", "none") else model
     target = resolve_device(device)
+    options = (model, iterations, progress, similarity, initial, masks, judge_masks, messages)
     try:
-        return _register(fixed, moving, model, target, iterations, progress, metric, align_centers)
+        return _register(fixed, moving, target, *options)
     except torch.OutOfMemoryError:
         if target.type != "cuda":
             raise
         torch.cuda.empty_cache()
         message = "The GPU ran out of memory; registration was redone on the CPU."
         warnings.warn(message, RuntimeWarning, stacklevel=2)
-        result = _register(fixed, moving, model, torch.device("cpu"), iterations, progress, metric, align_centers)
+        result = _register(fixed, moving, torch.device("cpu"), *options)
         result.messages.insert(0, message)
         return result
 
 
-def _register(fixed: sitk.Image, moving: sitk.Image, model: str | None, device: torch.device,
-              iterations: int | None, progress: ProgressCallback | None, metric: str | None,
-              align_centers: bool) -> RegistrationResult:
+def _register(fixed: sitk.Image, moving: sitk.Image, device: torch.device, model: str | None, iterations: int | None,
+              progress: ProgressCallback | None, similarity: str, initial: str,
+              masks: tuple[sitk.Image | None, sitk.Image | None],
+              judge_masks: tuple[sitk.Image | None, sitk.Image | None], messages: list[str]) -> RegistrationResult:
     timings: dict[str, float] = {}
-    messages: list[str] = []
+    messages = list(messages)
     start = time.perf_counter()
     _report(progress, "preprocess", 0.0)
     if model is None:
         card, network = instance_card(), None
         iterations = DEFAULT_ITERATIONS_WITHOUT_MODEL if iterations is None else iterations
-        messages.append("No trained model given: the result comes from fine-tuning on this pair alone, "
-                        "starting from the identity (after aligning image centres).")
+        messages.append("No trained model: the result comes from fine-tuning on this pair alone.")
     else:
         card, network = load_model(model, device)
         iterations = card.finetune_iterations if iterations is None else iterations
-    metric = metric or card.finetune_metric
+    metric = resolve_similarity(similarity, card)
+    fixed_mask, moving_mask = masks
+    inputs = PairInputs.prepare(fixed, moving, card, sitk.TranslationTransform(3), fixed_mask, moving_mask)
+    shift, initial = start_position(inputs, judge_masks, initial, device, messages)
+    inputs = replace(inputs, shift=shift)
     grid = model_grid(fixed, card)
     tune_grid = finetune_grid(fixed)
     fixed_grid = Grid.from_image(fixed)
-    inputs = PairInputs.prepare(fixed, moving, card, align_centers)
-    center_shift = np.asarray(inputs.shift.GetOffset())
-    if not align_centers:
-        low_f, high_f = physical_box(fixed)
-        low_m, high_m = physical_box(moving)
-        if np.any(high_f < low_m) or np.any(high_m < low_f):
-            raise InputError("The fixed and moving volumes do not overlap in physical space. Check their "
-                             "origins and directions, or let DeepRegister align their centres.")
+    if physical_overlap(fixed, fixed_mask, moving, moving_mask, shift) < MIN_OVERLAP:
+        raise InputError(f"The fixed and moving {'volumes' if fixed_mask is None and moving_mask is None else 'masks'} do not "
+                         f"overlap at the {initial} start position (less than {MIN_OVERLAP:.0%} of the fixed one "
+                         "lies in the moving one). Check their origins, directions and masks, or start from "
+                         "the centres aligned (initial 'centers').")
     tune_images = inputs.on(tune_grid, device)
+    tune_masks = inputs.masks_on(tune_grid, device)
     timings["preprocess"] = time.perf_counter() - start
 
     start = time.perf_counter()
     _report(progress, "network", 0.0)
-    initial = torch.zeros(1, 3, *tune_grid.shape, device=device)
+    initial_field = torch.zeros(1, 3, *tune_grid.shape, device=device)
     network_field = None  # the network's displacement (1, 3, Z, Y, X) in mm on its grid
     organs = None  # the network's organ maps of the fixed and moving image on the fine-tuning grid
     if network is not None:
@@ -528,34 +691,48 @@ def _register(fixed: sitk.Image, moving: sitk.Image, model: str | None, device: 
         canonical = outputs["displacement"]
         direction = torch.as_tensor(np.reshape(grid.direction, (3, 3)), dtype=canonical.dtype, device=device)
         network_field = torch.einsum("ij,bjzyx->bizyx", direction, canonical)
-        initial = spatial.resample_field(network_field, grid, tune_grid)
+        initial_field = spatial.resample_field(network_field, grid, tune_grid)
         if card.finetune_organ_weight > 0 and iterations > 0:
             organs = organ_maps(outputs, grid, tune_grid, messages)
-    pyramid = Pyramid(*tune_images, tune_grid, card.saliency_sigma_mm, organs)
+    pyramid = Pyramid(*tune_images, tune_grid, card.saliency_sigma_mm, organs, tune_masks)
     timings["network"] = time.perf_counter() - start
 
     start = time.perf_counter()
     deformation = None
     if iterations > 0:
-        deformation = fine_tune(pyramid, initial, iterations, metric, progress, field_step_mm=card.finetune_step_mm,
-                                samples=card.finetune_samples, organ_weight=card.finetune_organ_weight)
+        deformation = fine_tune(pyramid, initial_field, iterations, metric, progress,
+                                field_step_mm=card.finetune_step_mm, samples=card.finetune_samples,
+                                organ_weight=card.finetune_organ_weight)
     timings["finetune"] = time.perf_counter() - start
 
     start = time.perf_counter()
     _report(progress, "output", 0.0)
     with torch.no_grad():
-        def displacement_on(target: Grid) -> torch.Tensor:
-            """The registration's displacement (1, 3, Z, Y, X) in mm on ``target`` (centres not shifted)."""
-            field = (torch.zeros(1, 3, *target.shape, device=device) if network_field is None
+        def stage_field(stage: str, target: Grid) -> torch.Tensor:
+            """A stage's displacement (1, 3, Z, Y, X) in mm on ``target``, on top of the start position."""
+            field = (torch.zeros(1, 3, *target.shape, device=device) if network_field is None or stage == "start"
                      else spatial.resample_field(network_field, grid, target))
-            return field if deformation is None else field + deformation.displacement_on(target)
+            if stage in ("affine", "deformable"):
+                field = field + deformation.displacement_on(target, local=stage == "deformable")
+            return field
 
+        stages = ["start"] + (["network"] if network is not None else [])
+        if deformation is not None:
+            stages += ["affine"] + (["deformable"] if deformation.control_grids else [])
+        small = judge_grid(fixed)
+        judge = replace(inputs, fixed_mask=judge_masks[0], moving_mask=judge_masks[1]).judge(small, device)
+        scores = [judge.score(stage, stage_field(stage, small),
+                              spatial.folding_percent(stage_field(stage, tune_grid), tune_grid)) for stage in stages]
+        kept, guard_warnings = guard.choose(scores)
         saliency_grid = pyramid.saliency_level(1)[2]
-        saliency_small = pyramid.joint_saliency(1, displacement_on(saliency_grid))
-        full = displacement_on(fixed_grid)
-        full = full + torch.as_tensor(center_shift, dtype=full.dtype, device=device).view(1, 3, 1, 1, 1)
-        _check_overlap(fixed_grid, full, moving)
-        folding = spatial.folding_percent(full, fixed_grid)
+        saliency_small = pyramid.joint_saliency(1, stage_field(kept.stage, saliency_grid))
+        full = stage_field(kept.stage, fixed_grid)
+        full = full + torch.as_tensor(shift.GetOffset(), dtype=full.dtype, device=device).view(1, 3, 1, 1, 1)
+        determinant = spatial.jacobian_determinant(full, fixed_grid)
+        folding = float((determinant <= 0).double().mean() * 100.0)
+        if folding > guard.MAX_FOLDING_PERCENT:
+            guard_warnings.append(f"The result folds on {folding:.2f} % of the fixed image's voxels (non-positive "
+                                  "Jacobian determinant): check it before relying on it.")
         transform = sitk.DisplacementFieldTransform(spatial.displacement_to_sitk(full.cpu(), fixed_grid))
     warped = sitk.Resample(moving, fixed, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
     saliency = sitk.Resample(saliency_grid.place(sitk.GetImageFromArray(saliency_small[0, 0].cpu().numpy())), fixed,
@@ -565,5 +742,6 @@ def _register(fixed: sitk.Image, moving: sitk.Image, model: str | None, device: 
     timings["total"] = sum(timings.values())
     _report(progress, "output", 1.0)
     name = card.name if network is not None else "none (fine-tuning only)"
-    return RegistrationResult(transform, warped, saliency, timings, folding, name, str(device), iterations, messages)
-
+    return RegistrationResult(transform, warped, saliency, timings, folding, name, str(device), iterations, metric,
+                              initial, shift, fixed_mask, moving_mask, [score.as_dict() for score in scores],
+                              kept.stage, float(determinant.min()), messages, guard_warnings)

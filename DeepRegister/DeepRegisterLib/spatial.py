@@ -279,10 +279,12 @@ class VelocityIntegrator(torch.nn.Module):
         self.register_buffer("identity", normalized_coordinates(physical_points(grid), grid)[None], persistent=False)
         self.register_buffer("per_mm", normalized_per_mm(grid), persistent=False)
 
-    def forward(self, velocity: torch.Tensor) -> torch.Tensor:
-        displacement = velocity / (2 ** self.steps)
+    def forward(self, velocity: torch.Tensor, steps: int | None = None) -> torch.Tensor:
+        """``steps`` squarings (default: the integrator's)."""
+        steps = self.steps if steps is None else steps
+        displacement = velocity / (2 ** steps)
         matrix = self.per_mm.to(velocity.dtype)
-        for _ in range(self.steps):
+        for _ in range(steps):
             coordinates = self.identity.to(velocity.dtype) + displacement.permute(0, 2, 3, 4, 1) @ matrix
             displacement = displacement + sample_normalized(displacement, coordinates, padding_mode="border")
         return displacement

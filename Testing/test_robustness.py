@@ -1,0 +1,173 @@
+"""Masks, field-of-view detection, start position, folding and the do-no-harm guard (issue #20)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from DeepRegisterLib import guard, registration
+from DeepRegisterLib.imageio import InputError, read_image
+from DeepRegisterLib.landmarks import tre
+from DeepRegisterLib.masks import detect_field_of_view
+from DeepRegisterLib.spatial import Grid
+from DeepRegisterLib.synthetic import make_phantom_pair
+
+MRUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "mrus_sim"
+
+
+def fan(grid: Grid, half_angle: float = 0.55) -> np.ndarray:
+    """An ultrasound fan (Z, Y, X bool): a cone opening along +y from above the volume."""
+    z, y, x = np.indices(grid.shape)
+    n = np.asarray(grid.size)
+    d = np.stack([x - n[0] / 2, y + 0.15 * n[1], z - n[2] / 2], -1)
+    r = np.linalg.norm(d, axis=-1)
+    return (np.arccos(np.clip(d[..., 1] / np.maximum(r, 1e-6), -1, 1)) < half_angle) & (r < 1.1 * n[1])
+
+
+def image_like(array: np.ndarray, reference: sitk.Image) -> sitk.Image:
+    image = sitk.GetImageFromArray(array.astype(np.float32))
+    image.CopyInformation(reference)
+    return image
+
+
+@pytest.fixture(scope="module")
+def navigated_fan_pair():
+    """An ultrasound-like fan (fixed, 58 % empty) and an MR-like volume (moving) already placed in
+    physical space as a navigation system would: the centre shift is baked into the moving image,
+    a smooth local deformation of up to 10 mm remains. Landmarks: those inside the fan."""
+    pair = make_phantom_pair(12, (64, 64, 64), spacing=2.0, max_mm=10.0, ultrasound=True)
+    shift = Grid.from_image(pair.moving).center - Grid.from_image(pair.fixed).center
+    moving = sitk.Image(pair.moving)
+    moving.SetOrigin(tuple(np.asarray(moving.GetOrigin()) - shift))
+    grid = Grid.from_image(pair.fixed)
+    inside = fan(grid)
+    fixed = image_like(sitk.GetArrayFromImage(pair.fixed) * inside, pair.fixed)
+    index = np.round(grid.physical_to_index(pair.fixed_points)).astype(int)
+    keep = inside[index[:, 2], index[:, 1], index[:, 0]]
+    return fixed, moving, pair.fixed_points[keep], pair.moving_points[keep] - shift, inside
+
+
+def median_tre(fixed_points: np.ndarray, moving_points: np.ndarray, transform: sitk.Transform | None = None) -> float:
+    return float(np.median(tre(fixed_points, moving_points, transform)))
+
+
+def test_field_of_view_is_the_fan_less_a_margin(navigated_fan_pair) -> None:
+    fixed, moving, *_, inside = navigated_fan_pair
+    mask = detect_field_of_view(fixed)
+    found = sitk.GetArrayFromImage(mask).astype(bool)
+    assert 0.5 < 1 - inside.mean() < 0.7
+    assert not (found & ~inside).any()  # nothing outside the fan
+    assert found.sum() > 0.8 * inside.sum()  # the fan less a 2 mm (1 voxel) margin
+    assert detect_field_of_view(moving) is None or sitk.GetArrayViewFromImage(detect_field_of_view(moving)).mean() > 0.5
+    noisy = image_like(np.random.default_rng(0).normal(100, 10, (32, 32, 32)), sitk.Image([32] * 3, sitk.sitkFloat32))
+    assert detect_field_of_view(noisy) is None
+
+
+def test_masks_keep_the_fan_edge_from_attracting_the_moving_image(navigated_fan_pair) -> None:
+    fixed, moving, fixed_points, moving_points, _ = navigated_fan_pair
+    start = median_tre(fixed_points, moving_points)
+    runs = {detect: registration.register(fixed, moving, iterations=100, device="cpu", similarity="mi",
+                                          initial="physical", detect_fov=detect) for detect in (False, True)}
+    after = {detect: median_tre(fixed_points, moving_points, result.transform) for detect, result in runs.items()}
+    assert runs[True].fixed_mask is not None and runs[False].fixed_mask is None
+    assert any("field of view was detected" in message for message in runs[True].messages)
+    assert after[True] < 0.5 * start, (start, after)
+    assert after[True] < 0.75 * after[False], (start, after)
+    for result in runs.values():
+        assert result.folding_percent <= guard.MAX_FOLDING_PERCENT and result.min_jacobian > 0
+
+
+def test_auto_start_trusts_physical_positions_only_where_they_overlap(navigated_fan_pair) -> None:
+    fixed, moving, fixed_points, moving_points, _ = navigated_fan_pair
+    result = registration.register(fixed, moving, iterations=0, device="cpu")
+    assert result.initial == "physical" and np.allclose(result.initial_transform.GetOffset(), 0)
+    far = sitk.Image(moving)
+    far.SetOrigin(tuple(np.asarray(moving.GetOrigin()) + 300.0))  # a scanner frame far away
+    moved = registration.register(fixed, far, iterations=0, device="cpu")
+    assert moved.initial == "centers"
+    assert any("physical positions only" in message for message in moved.messages)
+
+
+def fooling_pair() -> tuple[sitk.Image, sitk.Image, np.ndarray]:
+    """A pair aligned from the start (the moving image is the fixed one under a non-monotone
+    intensity remap): any move makes it worse, and LNCC, which needs a monotone relation, is fooled."""
+    pair = make_phantom_pair(3, (48, 48, 48), spacing=2.5, max_mm=10.0, ultrasound=False)
+    aligned = sitk.Resample(pair.moving, pair.fixed, pair.transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    array = np.abs(sitk.GetArrayFromImage(aligned) / 255.0 - 0.45) * 255.0
+    moving = image_like(array + np.random.default_rng(0).normal(0, 3, array.shape), pair.fixed)
+    return pair.fixed, moving, pair.fixed_points
+
+
+def test_guard_keeps_the_start_when_the_similarity_is_fooled(monkeypatch: pytest.MonkeyPatch) -> None:
+    fixed, moving, points = fooling_pair()
+    options = dict(iterations=100, device="cpu", similarity="lncc", initial="physical")
+    guarded = registration.register(fixed, moving, **options)
+    assert median_tre(points, points, guarded.transform) < 0.05
+    assert guarded.kept_stage == "start" and not guarded.succeeded
+    assert any("deformable stage was rejected" in warning for warning in guarded.warnings)
+    assert [stage["accepted"] for stage in guarded.stages] == [True, False, False]
+    monkeypatch.setattr(guard, "worse", lambda candidate, best: False)  # the same run, unguarded
+    unguarded = registration.register(fixed, moving, **options)
+    assert unguarded.kept_stage == "deformable" and unguarded.succeeded
+    assert median_tre(points, points, unguarded.transform) > 0.5
+
+
+def test_guard_refuses_a_folding_stage() -> None:
+    start = guard.StageScore("start", mind=0.1, mi=-0.5, folding_percent=0.0)
+    folded = guard.StageScore("deformable", mind=0.05, mi=-0.9, folding_percent=2.0)
+    kept, warnings = guard.choose([start, folded])
+    assert kept is start and "folds on 2.00 %" in warnings[0]
+    better = guard.StageScore("affine", mind=0.08, mi=-0.6, folding_percent=0.0)
+    worse_mi = guard.StageScore("deformable", mind=0.07, mi=-0.4, folding_percent=0.0)
+    kept, warnings = guard.choose([start, better, worse_mi])
+    assert kept is better and "the affine stage" in warnings[-1]
+    neutral = guard.StageScore("network", mind=0.1, mi=-0.5, folding_percent=0.0)
+    assert guard.choose([start, neutral, better]) == (better, [])
+
+
+@pytest.mark.skipif(not MRUS.is_dir(), reason="needs ../shared/data/mrus_sim")
+def test_no_folding_on_a_real_mr_to_trus_pair_without_a_model() -> None:
+    """Large, non-smooth intensity differences (simulated MR against TRUS, no network): before
+    issue #20 this left 20 % folding voxels."""
+    fixed = read_image(MRUS / "fixed_images" / "obs004.nii.gz")
+    moving = read_image(MRUS / "moving_images" / "obs004.nii.gz")
+    result = registration.register(fixed, moving, device="cpu")
+    assert result.folding_percent <= guard.MAX_FOLDING_PERCENT and result.min_jacobian > 0
+
+
+def test_similarity_mind_registers_an_ultrasound_like_pair(navigated_fan_pair) -> None:
+    fixed, moving, fixed_points, moving_points, _ = navigated_fan_pair
+    result = registration.register(fixed, moving, iterations=100, device="cpu", similarity="mind", initial="physical")
+    assert result.similarity == "mind"
+    assert median_tre(fixed_points, moving_points, result.transform) < 0.7 * median_tre(fixed_points, moving_points)
+
+
+def test_bad_masks_and_options_are_clear_errors(navigated_fan_pair) -> None:
+    fixed, moving, *_ = navigated_fan_pair
+    ones = sitk.Image(fixed.GetSize(), sitk.sitkUInt8) + 1
+    ones.CopyInformation(fixed)
+    smaller = sitk.Image([n - 1 for n in fixed.GetSize()], sitk.sitkUInt8) + 1
+    shifted = sitk.Image(ones)
+    shifted.SetOrigin(tuple(np.asarray(fixed.GetOrigin()) + 5.0))
+    empty = ones * 0
+    corner = sitk.Image(ones) * 0
+    corner[0:4, 0:4, 0:4] = 1
+    far_corner = sitk.Image(moving.GetSize(), sitk.sitkUInt8)
+    far_corner.CopyInformation(moving)
+    far_corner[-4:, -4:, -4:] = 1
+    cases = [
+        (dict(fixed_mask=smaller), "not on the fixed image's grid"),
+        (dict(fixed_mask=shifted), "not on the fixed image's grid"),
+        (dict(moving_mask=ones), "not on the moving image's grid"),
+        (dict(fixed_mask=empty), "fixed mask is empty"),
+        (dict(fixed_mask=sitk.Compose(ones, ones)), "3D label image"),
+        (dict(fixed_mask=corner, moving_mask=far_corner, initial="physical"), "do not overlap"),
+        (dict(similarity="ncc"), "Unknown similarity"),
+        (dict(initial="centre"), "Unknown initial position"),
+    ]
+    for options, message in cases:
+        with pytest.raises(InputError, match=message):
+            registration.register(fixed, moving, iterations=1, device="cpu", **options)
