@@ -14,15 +14,17 @@ import os
 import re
 import time
 import traceback
-from typing import Annotated
+from typing import Annotated, Optional, Union
 
 import qt
 import vtk
 
 import slicer
 from slicer import (
+    vtkMRMLLabelMapVolumeNode,
     vtkMRMLMarkupsFiducialNode,
     vtkMRMLScalarVolumeNode,
+    vtkMRMLSegmentationNode,
     vtkMRMLTableNode,
     vtkMRMLTransformNode,
 )
@@ -39,9 +41,18 @@ from slicer.util import VTKObservationMixin
 
 PROJECT_URL = "https://github.com/deepregister/SlicerDeepRegister"
 MINIMUM_TORCH_VERSION = "2.2"
-NO_MODEL_TEXT = "None (fine-tune on the pair only)"
-NO_MODEL_DESCRIPTION = ("No trained model: the deformation is optimised on this pair alone, starting from "
-                        "aligned image centres. Slower than a trained model and less robust to large deformations.")
+# The model setting, as on the command line: no choice ("") = the best general model installed
+# (DeepRegisterLib.models.default_model), "none" = no network, fine-tuning on the pair alone.
+DEFAULT_MODEL = ""
+NO_MODEL = "none"
+DEFAULT_MODEL_TEXT = "Default: {model}"
+DEFAULT_MODEL_DESCRIPTION = ("No choice: the best general model installed ('{model}'), as the command line uses "
+                             "without --model. {description}")
+NO_MODEL_TEXT = "None (fine-tuning only)"
+NO_MODEL_DESCRIPTION = ("No trained model: the deformation is optimised on this pair alone (fine-tuning only), "
+                        "from the initial position chosen below. Slower than a trained model and less robust "
+                        "to large deformations.")
+WARNING_STYLE = "color: #d35400; font-weight: bold;"  # the status line when the result has warnings
 # Fine-tuning steps the engine runs when none are asked for (DeepRegisterLib.registration); shown in the panel.
 DEFAULT_ITERATIONS_WITHOUT_MODEL = 150  # with a model: its card's finetune_iterations
 STAGE_NAMES = {"preprocess": "Preprocessing", "network": "Network", "finetune": "Fine-tuning", "output": "Outputs"}
@@ -85,7 +96,12 @@ volume is shown through the transform.</p>
 judged there, while dark regions carry little evidence either way. Place corresponding <b>landmarks</b> on
 both volumes to measure the target registration error (TRE) before and after registration; the table
 updates as points are moved.</p>
-<p>Without a trained model, the registration is computed by fine-tuning on the pair alone.</p>
+<p>With no model chosen, the best general model installed is used (as on the command line); the model
+"None" computes the registration by fine-tuning on the pair alone.</p>
+<p>Optional <b>masks</b> (label maps or segmentations, drawn on any volume) say where each volume holds data
+worth comparing; for a volume without one, the ultrasound <b>field of view</b> can be detected and used.
+Each stage of the registration is checked: when one made the alignment worse it is dropped and the panel
+shows a <b>warning</b>; check such a result before relying on it.</p>
 <p>See the <a href="{project}#readme">project documentation</a> and, for the approach,
 <a href="https://arxiv.org/abs/1711.01666">Hu et al. 2018, Weakly-supervised convolutional neural networks
 for multimodal image registration (arXiv:1711.01666)</a>.</p>
@@ -118,6 +134,50 @@ class Device(enum.Enum):
         return {"auto": _("Automatic (GPU if available)"), "cpu": _("CPU"), "cuda": _("GPU (CUDA)")}[self.value]
 
 
+class Similarity(enum.Enum):
+    """How fine-tuning compares the images; the value is what DeepRegisterLib expects."""
+
+    AUTO = "auto"
+    MI = "mi"
+    MIND = "mind"
+    LNCC = "lncc"
+
+    def label(self) -> str:
+        return {"auto": _("Automatic"), "mi": _("Mutual information (MI)"), "mind": _("MIND descriptors"),
+                "lncc": _("Local cross-correlation (LNCC)")}[self.value]
+
+    def description(self) -> str:
+        return {
+            "auto": _("DeepRegister picks the measure: the model's own choice, mutual information without a model."),
+            "mi": _("Mutual information: compares intensity histograms; for different modalities (MR to ultrasound)."),
+            "mind": _("MIND: compares local self-similarity patterns; robust to different modalities and to "
+                      "intensity changes across the image."),
+            "lncc": _("Local normalised cross-correlation: for the same modality with similar contrast."),
+        }[self.value]
+
+
+class InitialPosition(enum.Enum):
+    """Where the registration starts; the value is what DeepRegisterLib expects."""
+
+    AUTO = "auto"
+    CENTERS = "centers"
+    PHYSICAL = "physical"
+
+    def label(self) -> str:
+        return {"auto": _("Automatic"), "centers": _("Align centres"),
+                "physical": _("Physical positions")}[self.value]
+
+    def description(self) -> str:
+        return {
+            "auto": _("Keeps the volumes where they are when they overlap well, else aligns their centres "
+                      "(DeepRegister compares both starts)."),
+            "centers": _("Moves the moving volume so that the centres of the volumes (or of their masks) coincide; "
+                         "for volumes from different scanners whose coordinates are unrelated."),
+            "physical": _("Starts from the volumes' positions as they are; for volumes already in a common frame "
+                          "(tracked ultrasound, an earlier rigid registration)."),
+        }[self.value]
+
+
 class FieldDisplay(enum.Enum):
     """How the displacement field is drawn in the slice views; the value is what DeepRegisterLib expects."""
 
@@ -136,9 +196,15 @@ class DeepRegisterParameterNode:
     """The module's settings, saved with the scene.
 
     fixedVolume, movingVolume - the volumes to register (moving is aligned to fixed).
-    model - name of a trained model (see DeepRegisterLib.models); "" registers by fine-tuning on the pair only.
+    fixedMask, movingMask - where each volume holds data worth comparing: a label map (nonzero = inside) or a
+        segmentation (the union of its segments); resampled onto its volume's grid when drawn on another one.
+    detectFieldOfView - for a volume without a mask, detect an ultrasound field of view and use it as its mask.
+    model - name of a trained model (see DeepRegisterLib.models); "" (no choice) uses the best general model
+        installed (DeepRegisterLib.models.default_model), "none" registers by fine-tuning on the pair only.
     device - where the network runs.
     iterations - fine-tuning steps on the pair; -1 uses the default: the model card's (100 for mrus and generic), 150 without a model.
+    similarity - how fine-tuning compares the images.
+    initialPosition - where the registration starts (image centres aligned or physical positions).
     outputTransform - receives the fixed->moving displacement field (created when empty).
     createWarpedVolume, warpedVolume - also resample the moving volume onto the fixed grid.
     saliencyVolume - receives the joint saliency map (created when empty).
@@ -150,9 +216,14 @@ class DeepRegisterParameterNode:
 
     fixedVolume: vtkMRMLScalarVolumeNode
     movingVolume: vtkMRMLScalarVolumeNode
-    model: str = ""
+    fixedMask: Union[vtkMRMLLabelMapVolumeNode, vtkMRMLSegmentationNode, None]
+    movingMask: Union[vtkMRMLLabelMapVolumeNode, vtkMRMLSegmentationNode, None]
+    detectFieldOfView: bool = True
+    model: str = DEFAULT_MODEL
     device: Device = Device.AUTO
     iterations: Annotated[int, WithinRange(-1, 2000)] = -1
+    similarity: Similarity = Similarity.AUTO
+    initialPosition: InitialPosition = InitialPosition.AUTO
     outputTransform: vtkMRMLTransformNode
     createWarpedVolume: bool = False
     warpedVolume: vtkMRMLScalarVolumeNode
@@ -265,6 +336,7 @@ class DeepRegisterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode:
             # Widgets carrying the "SlicerParameterName" dynamic property in the .ui are bound here.
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self._setItemToolTips()
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
             self.onParameterNodeModified()
 
@@ -281,6 +353,15 @@ class DeepRegisterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._treInputs = treInputs
             self._observeTREInputs()
             self.scheduleTREUpdate()
+
+    def _setItemToolTips(self) -> None:
+        """Per-choice tooltips of the enum combo boxes (their items are filled by the parameter node binding,
+        one per enum member in order)."""
+        for comboBox, choices in ((self.ui.similarityComboBox, Similarity),
+                                  (self.ui.initialPositionComboBox, InitialPosition)):
+            for index, choice in enumerate(choices):
+                if index < comboBox.count:
+                    comboBox.setItemData(index, choice.description(), qt.Qt.ToolTipRole)
 
     def _updateButtonStates(self) -> None:
         parameterNode = self._parameterNode
@@ -305,10 +386,13 @@ class DeepRegisterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             cards = self.logic.availableModels()
             self._cards = {card.name: card for card in cards}
             self._modelsListed = self.logic.torchAvailable()
+            default = self.logic.defaultModel(cards)
+            comboBox.addItem(_(DEFAULT_MODEL_TEXT).format(model=default or _("best general model")), DEFAULT_MODEL)
+            comboBox.setItemData(comboBox.count - 1, self._defaultModelDescription(default), qt.Qt.ToolTipRole)
             for card in cards:
                 comboBox.addItem(card.name, card.name)
                 comboBox.setItemData(comboBox.count - 1, card.description, qt.Qt.ToolTipRole)
-            comboBox.addItem(_(NO_MODEL_TEXT), "")
+            comboBox.addItem(_(NO_MODEL_TEXT), NO_MODEL)
             comboBox.setItemData(comboBox.count - 1, _(NO_MODEL_DESCRIPTION), qt.Qt.ToolTipRole)
         finally:
             self._updatingModelComboBox = False
@@ -333,18 +417,33 @@ class DeepRegisterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onModelChanged(self, index: int) -> None:
         if self._updatingModelComboBox or self._parameterNode is None or index < 0:
             return
-        self._parameterNode.model = self.ui.modelComboBox.itemData(index) or ""
+        self._parameterNode.model = self.ui.modelComboBox.itemData(index) or DEFAULT_MODEL
+
+    def _defaultModelDescription(self, default: str) -> str:
+        if default:
+            card = self._cards.get(default)
+            return _(DEFAULT_MODEL_DESCRIPTION).format(model=default, description=card.description if card else "")
+        if not self._modelsListed:
+            return _("No choice: the best general model installed. Trained models are listed once PyTorch is "
+                     "installed (press Register to install it).")
+        return _("No choice: the best general model installed; none is installed, so the deformation is "
+                 "found by fine-tuning on this pair alone.")
 
     def _showModelDescription(self, index: int) -> None:
         comboBox = self.ui.modelComboBox
-        model = comboBox.itemData(index) or ""
-        if not model:
+        model = comboBox.itemData(index) or DEFAULT_MODEL
+        if model == DEFAULT_MODEL:
+            text = comboBox.itemData(index, qt.Qt.ToolTipRole) or self._defaultModelDescription("")
+            model = self.logic.defaultModel(list(self._cards.values())) or NO_MODEL
+        elif model == NO_MODEL:
             text = _(NO_MODEL_DESCRIPTION)
             if not self._modelsListed:
                 text += " " + _("Trained models are listed once PyTorch is installed (press Register to install it).")
-            default = DEFAULT_ITERATIONS_WITHOUT_MODEL
         else:
             text = comboBox.itemData(index, qt.Qt.ToolTipRole) or _("Model '{model}' is not installed.").format(model=model)
+        if model == NO_MODEL:
+            default = DEFAULT_ITERATIONS_WITHOUT_MODEL
+        else:
             card = self._cards.get(model)
             default = card.finetune_iterations if card is not None else 0
         self.ui.modelDescriptionLabel.text = text
@@ -361,7 +460,7 @@ class DeepRegisterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.populateModels()
         parameterNode = self._parameterNode
         self._setRunning(True)
-        self.ui.statusLabel.text = _("Registering...")
+        self._showStatus(_("Registering..."))
         start = time.perf_counter()
         try:
             result = self.logic.registerFromParameterNode(parameterNode, progress=self.onProgress)
@@ -376,10 +475,22 @@ class DeepRegisterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._appliedDisplay = (parameterNode.saliencyOpacity, parameterNode.fieldDisplay)
         except Exception as error:  # results are in the scene; only their display failed
             logging.exception("DeepRegister: showing results failed")
-            self.ui.statusLabel.text = _("Registered, but showing the results failed: {error}").format(error=error)
+            self._showStatus(_("Registered, but showing the results failed: {error}").format(error=error), True)
             return
-        self.ui.statusLabel.text = self.logic.resultSummary(result, elapsed)
+        self.showRegistrationResult(result, elapsed)
         self.scheduleTREUpdate()
+
+    def showRegistrationResult(self, result, elapsedSeconds=None) -> None:
+        """The summary in the status line; a result with warnings (not a plain success: e.g. the guard kept
+        an earlier stage) is shown prominently there and in a message box."""
+        text = self.logic.resultSummary(result, elapsedSeconds)
+        self._showStatus(text, bool(result.warnings))
+        if result.warnings:
+            slicer.util.warningDisplay(text, windowTitle=_("DeepRegister: check the registration"))
+
+    def _showStatus(self, text: str, warning: bool = False) -> None:
+        self.ui.statusLabel.text = text
+        self.ui.statusLabel.styleSheet = WARNING_STYLE if warning else ""
 
     def onProgress(self, stage: str, fraction: float) -> bool:
         """Progress callback of the engine: keeps the panel responsive; returns False to cancel."""
@@ -410,13 +521,13 @@ class DeepRegisterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _reportFailure(self, error: Exception) -> None:
         if self.logic.isCancellation(error):
-            self.ui.statusLabel.text = _("Registration cancelled; the scene was left as it was.")
+            self._showStatus(_("Registration cancelled; the scene was left as it was."))
         elif isinstance(error, ValueError):  # LogicError, bad model, bad input: the message says what to do
-            self.ui.statusLabel.text = str(error)
+            self._showStatus(str(error), True)
             slicer.util.errorDisplay(str(error), windowTitle=_("DeepRegister"))
         else:
             logging.exception("DeepRegister: registration failed")
-            self.ui.statusLabel.text = _("Registration failed: {error}").format(error=error)
+            self._showStatus(_("Registration failed: {error}").format(error=error), True)
             slicer.util.errorDisplay(_("Registration failed: {error}").format(error=error),
                                      windowTitle=_("DeepRegister"), detailedText=traceback.format_exc())
 
@@ -525,15 +636,8 @@ class DeepRegisterLogic(ScriptedLoadableModuleLogic):
         self._engine = None
 
     def getParameterNode(self) -> DeepRegisterParameterNode:
-        isNew = slicer.mrmlScene.GetSingletonNode(self.moduleName, "vtkMRMLScriptedModuleNode") is None
-        parameterNode = DeepRegisterParameterNode(super().getParameterNode())
-        if isNew:
-            models = self.availableModels()
-            if models:  # a trained model, when one is installed, beats fine-tuning alone
-                from DeepRegisterLib.models import default_model
-
-                parameterNode.model = default_model(models)
-        return parameterNode
+        # model "" (no choice) follows the installed models: see resolveModel.
+        return DeepRegisterParameterNode(super().getParameterNode())
 
     @property
     def engine(self):
@@ -643,19 +747,49 @@ class DeepRegisterLogic(ScriptedLoadableModuleLogic):
             logging.exception("DeepRegister: listing models failed")
             return []
 
+    @staticmethod
+    def defaultModel(cards) -> str:
+        """The model used when none is chosen: ``DeepRegisterLib.models.default_model`` (the best general
+        model installed), "" when no model is installed or PyTorch is missing."""
+        if not cards:
+            return ""
+        from DeepRegisterLib.models import default_model
+
+        return default_model(cards)
+
+    def resolveModel(self, model) -> Optional[str]:
+        """The model to register with, as the command line reads --model: "" (or None, no choice) -> the best
+        general model installed (fine-tuning alone when none is); "none" -> None (fine-tuning alone)."""
+        model = (model or DEFAULT_MODEL).strip()
+        if model.lower() == NO_MODEL:
+            return None
+        if model == DEFAULT_MODEL:
+            return self.defaultModel(self.availableModels()) or None
+        return model
+
     # -- registration --------------------------------------------------------------------------
-    def register(self, fixedVolumeNode, movingVolumeNode, model=None, device="auto", iterations=None,
-                 progress=None, outputTransformNode=None, saliencyNode=None, warpedNode=None, createWarped=False):
+    def register(self, fixedVolumeNode, movingVolumeNode, model=DEFAULT_MODEL, device="auto", iterations=None,
+                 progress=None, outputTransformNode=None, saliencyNode=None, warpedNode=None, createWarped=False,
+                 fixedMaskNode=None, movingMaskNode=None, detectFieldOfView=True, similarity="auto", initial="auto"):
         """Registers the moving volume to the fixed one (see ``DeepRegisterLib.logic.RegistrationLogic.register``).
 
-        ``model``: name, or None / "" for fine-tuning on the pair only. ``iterations``: None for the
-        default. ``progress(stage, fraction)`` may return False to cancel. Raises ``LogicError`` (a
-        ValueError) with a readable message for bad input; the scene is unchanged on errors.
+        ``model``: a name; "" (the default) for the best general model installed; None or "none" for
+        fine-tuning on the pair only. ``iterations``: None for the default. ``fixedMaskNode``,
+        ``movingMaskNode``: label maps or segmentations (resampled onto their volume's grid).
+        ``similarity``: "auto", "mi", "mind", "lncc"; ``initial``: "auto", "centers", "physical" (or the
+        panel's enums). ``progress(stage, fraction)`` may return False to cancel. Raises ``LogicError``
+        (a ValueError) with a readable message for bad input; the scene is unchanged on errors. A
+        result with ``warnings`` is not a plain success: show them.
         """
-        return self.engine.register(fixedVolumeNode, movingVolumeNode, model=model or None,
+        return self.engine.register(fixedVolumeNode, movingVolumeNode,
+                                    model=None if model is None else self.resolveModel(model),
                                     device=device.value if isinstance(device, Device) else device,
                                     iterations=iterations, progress=progress, outputTransformNode=outputTransformNode,
-                                    saliencyNode=saliencyNode, warpedNode=warpedNode, createWarped=createWarped)
+                                    saliencyNode=saliencyNode, warpedNode=warpedNode, createWarped=createWarped,
+                                    fixedMaskNode=fixedMaskNode, movingMaskNode=movingMaskNode,
+                                    detectFieldOfView=detectFieldOfView,
+                                    similarity=similarity.value if isinstance(similarity, Similarity) else similarity,
+                                    initial=initial.value if isinstance(initial, InitialPosition) else initial)
 
     def registerFromParameterNode(self, parameterNode: DeepRegisterParameterNode, progress=None):
         """Runs :meth:`register` with the settings of the parameter node and stores the output nodes in it."""
@@ -665,7 +799,9 @@ class DeepRegisterLogic(ScriptedLoadableModuleLogic):
             progress=progress, outputTransformNode=parameterNode.outputTransform,
             saliencyNode=parameterNode.saliencyVolume,
             warpedNode=parameterNode.warpedVolume if parameterNode.createWarpedVolume else None,
-            createWarped=parameterNode.createWarpedVolume)
+            createWarped=parameterNode.createWarpedVolume, fixedMaskNode=parameterNode.fixedMask,
+            movingMaskNode=parameterNode.movingMask, detectFieldOfView=parameterNode.detectFieldOfView,
+            similarity=parameterNode.similarity, initial=parameterNode.initialPosition)
         wasModified = parameterNode.StartModify()
         parameterNode.outputTransform = result.transformNode
         parameterNode.saliencyVolume = result.saliencyNode
@@ -686,17 +822,31 @@ class DeepRegisterLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def resultSummary(result, elapsedSeconds=None) -> str:
-        """One paragraph for the status line: time, device, model, per-stage timings, folding, messages."""
+        """The status line's text: time, device, model, per-stage timings, similarity, start, folding,
+        messages. A result with warnings (not a plain success) starts with them, not with "Registered"."""
         timings = dict(result.timings)
         total = elapsedSeconds if elapsedSeconds is not None else timings.get("total", sum(timings.values()))
         stages = ", ".join(f"{STAGE_NAMES.get(name, name).lower()} {seconds:.1f} s"
                            for name, seconds in timings.items() if name != "total")
         trained = result.model and not str(result.model).lower().startswith("none")
         model = _("model '{model}'").format(model=result.model) if trained else _("no trained model")
-        lines = [_("Registered in {seconds:.1f} s on {device} with {model} ({stages}).").format(
-            seconds=total, device=str(result.device).upper(), model=model, stages=stages)]
+        details = dict(seconds=total, device=str(result.device).upper(), model=model, stages=stages)
+        if result.warnings:
+            lines = [_("Warning: registration finished, but check the result before relying on it:")]
+            lines += [f"\u2022 {warning}" for warning in result.warnings]
+            lines.append(_("Took {seconds:.1f} s on {device} with {model} ({stages}).").format(**details))
+        else:
+            lines = [_("Registered in {seconds:.1f} s on {device} with {model} ({stages}).").format(**details)]
+        start = {"centers": _("image centres aligned"), "physical": _("physical positions")}.get(result.initial,
+                                                                                                   result.initial)
+        if result.similarity or start:
+            lines.append(_("Similarity: {similarity}; start: {start}.").format(
+                similarity=str(result.similarity).upper() or "-", start=start or "-"))
         if result.foldingPercent is not None:
-            lines.append(_("Folding: {percent:.2f} % of voxels.").format(percent=result.foldingPercent))
+            folding = _("Folding: {percent:.2f} % of voxels").format(percent=result.foldingPercent)
+            if result.minJacobian is not None:
+                folding += _(" (smallest Jacobian determinant {value:.2f})").format(value=result.minJacobian)
+            lines.append(folding + ".")
         lines += list(result.messages)
         return "\n".join(lines)
 
@@ -730,6 +880,8 @@ class DeepRegisterLogic(ScriptedLoadableModuleLogic):
         before, after = statistics["before"], statistics["after"]
         text = _("{pairs} landmark pairs: mean TRE {before:.1f} mm before registration").format(
             pairs=pairs, before=before["mean"])
+        if tableNode.GetAttribute("DeepRegister.BeforeFromStart") == "1":
+            text += _(" (from its start position)")
         if after["mean"] == after["mean"]:  # not NaN: a transform was given
             text += _(", {after:.1f} mm after (largest {worst:.1f} mm).").format(after=after["mean"], worst=after["max"])
         else:
@@ -802,12 +954,16 @@ class DeepRegisterTest(ScriptedLoadableModuleTest):
         self.setUp()
         self.test_ParameterNodeDefaults()
         self.setUp()
+        self.test_ParameterNodeRoundTripsMaskAndStartSettings()
+        self.setUp()
         self.test_BadInputIsRefused()
         if not DeepRegisterLogic.torchAvailable():
             self.delayDisplay("PyTorch is not installed: registration tests skipped")
             return
         self.setUp()
         self.test_RegisterPhantomReducesTRE()
+        self.setUp()
+        self.test_SegmentationMaskIsUsed()
         self.setUp()
         self.test_CancelLeavesSceneUnchanged()
         self.setUp()
@@ -847,8 +1003,38 @@ class DeepRegisterTest(ScriptedLoadableModuleTest):
         self.assertEqual(parameterNode.fieldDisplay, FieldDisplay.GLYPHS)
         self.assertFalse(parameterNode.createWarpedVolume)
         self.assertIsNone(parameterNode.outputTransform)
+        self.assertEqual(parameterNode.model, DEFAULT_MODEL)
+        self.assertIsNone(parameterNode.fixedMask)
+        self.assertIsNone(parameterNode.movingMask)
+        self.assertTrue(parameterNode.detectFieldOfView)
+        self.assertEqual(parameterNode.similarity, Similarity.AUTO)
+        self.assertEqual(parameterNode.initialPosition, InitialPosition.AUTO)
         parameterNode.fieldDisplay = FieldDisplay.GRID
         self.assertEqual(DeepRegisterLogic().getParameterNode().fieldDisplay, FieldDisplay.GRID)
+
+    def test_ParameterNodeRoundTripsMaskAndStartSettings(self):
+        self.delayDisplay("Masks, field of view, similarity and start are saved in the parameter node")
+        labelMap = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "gland label map")
+        segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "gland segmentation")
+        parameterNode = DeepRegisterLogic().getParameterNode()
+        parameterNode.fixedMask = labelMap
+        parameterNode.movingMask = segmentation
+        parameterNode.detectFieldOfView = False
+        parameterNode.similarity = Similarity.MIND
+        parameterNode.initialPosition = InitialPosition.PHYSICAL
+        parameterNode.model = NO_MODEL
+        again = DeepRegisterLogic().getParameterNode()  # a new wrapper reads the scene's parameter node
+        self.assertIs(again.fixedMask, labelMap)
+        self.assertIs(again.movingMask, segmentation)
+        self.assertFalse(again.detectFieldOfView)
+        self.assertEqual(again.similarity, Similarity.MIND)
+        self.assertEqual(again.initialPosition, InitialPosition.PHYSICAL)
+        self.assertEqual(again.model, NO_MODEL)
+        self.assertIsNone(DeepRegisterLogic().resolveModel(NO_MODEL))
+        with self.assertRaises(Exception):  # a plain scalar volume is neither a label map nor a segmentation
+            again.fixedMask = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "not a mask")
+        again.movingMask = None
+        self.assertIsNone(DeepRegisterLogic().getParameterNode().movingMask)
 
     def test_BadInputIsRefused(self):
         self.delayDisplay("Bad input is refused with a message")
@@ -893,6 +1079,26 @@ class DeepRegisterTest(ScriptedLoadableModuleTest):
         logic.showResults(result, saliencyOpacity=0.3, fieldDisplay=FieldDisplay.GRID)
         logic.setFieldDisplay(result.transformNode, FieldDisplay.OFF)
         self.delayDisplay("Test passed")
+
+    def test_SegmentationMaskIsUsed(self):
+        self.delayDisplay("A segmentation is used as the fixed mask")
+        import numpy as np
+
+        fixed, moving = self._phantom(seed=6)[:2]
+        segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Fixed gland")
+        segmentation.CreateDefaultDisplayNodes()
+        segmentation.SetReferenceImageGeometryParameterFromVolumeNode(fixed)
+        segmentId = segmentation.GetSegmentation().AddEmptySegment("", "gland")
+        inside = np.zeros(slicer.util.arrayFromVolume(fixed).shape, np.uint8)
+        inside[8:36, 10:38, 6:30] = 1
+        slicer.util.updateSegmentBinaryLabelmapFromArray(inside, segmentation, segmentId, fixed)
+        result = DeepRegisterLogic().register(fixed, moving, model=None, device="cpu", iterations=10,
+                                              fixedMaskNode=segmentation)
+        self.assertIsNotNone(result.fixedMask)
+        import SimpleITK as sitk
+
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(result.fixedMask), inside)
+        self.assertTrue(any("union of the 1 segment of 'Fixed gland'" in message for message in result.messages))
 
     def test_CancelLeavesSceneUnchanged(self):
         self.delayDisplay("Cancelling leaves the scene unchanged")

@@ -105,7 +105,9 @@ def test_measure_tre_matches_independent_computation_and_drops(pair, registered,
     storage.SetFileName(str(tmp_path / "t.h5"))
     storage.WriteData(result.transformNode)
     expected_after = tre(pair.fixed_points, pair.moving_points, sitk.ReadTransform(str(tmp_path / "t.h5")))
-    expected_before = tre(pair.fixed_points, pair.moving_points)
+    # "Before" is at the registration's start (here the centres aligned: the phantom's volumes lie apart).
+    assert result.initial == "centers"
+    expected_before = tre(pair.fixed_points, pair.moving_points, result.initialTransform)
     values = table.GetTable()
     n = len(pair.fixed_points)
     after = np.array([values.GetColumnByName("After (mm)").GetValue(r) for r in range(n)])
@@ -123,6 +125,8 @@ def test_measure_tre_matches_independent_computation_and_drops(pair, registered,
     # Landmarks placed before registering: a table without a transform has before values only.
     no_transform = logic.measureTRE(fixed_points, moving_points)
     assert np.isnan(no_transform.GetTable().GetColumnByName("After (mm)").GetValue(0))
+    np.testing.assert_allclose([no_transform.GetTable().GetColumnByName("Before (mm)").GetValue(r) for r in range(n)],
+                               tre(pair.fixed_points, pair.moving_points), atol=1e-9)
 
 
 def scene_state(scene) -> tuple:
@@ -191,3 +195,300 @@ def test_show_results_sets_layers_colours_and_field(registered) -> None:
     assert not display.GetVisibility2D()
     with pytest.raises(LogicError, match="Unknown field display"):
         logic.setFieldDisplay(result.transformNode, "arrows")
+
+
+# -- masks, start position and warnings (issue #20) --------------------------------------------------
+class FakeEngine:
+    """Stands in for DeepRegisterLib.registration.register (its keyword contract): records what the logic
+    passes and returns a result with the contract's fields (an identity field on the fixed grid)."""
+
+    def __init__(self, **overrides) -> None:
+        self.calls: list[dict] = []
+        self.overrides = overrides
+
+    def __call__(self, fixed, moving, model=None, device="auto", iterations=None, progress=None, *,
+                 similarity="auto", initial="auto", fixed_mask=None, moving_mask=None, detect_fov=True):
+        self.calls.append(dict(fixed=fixed, moving=moving, model=model, similarity=similarity, initial=initial,
+                               fixed_mask=fixed_mask, moving_mask=moving_mask, detect_fov=detect_fov))
+        field = sitk.Image(fixed.GetSize(), sitk.sitkVectorFloat64, 3)
+        field.CopyInformation(fixed)
+        transform = sitk.DisplacementFieldTransform(sitk.Image(field))
+        saliency = sitk.Image(fixed.GetSize(), sitk.sitkFloat32)
+        saliency.CopyInformation(fixed)
+        values = dict(transform=transform, warped=sitk.Resample(moving, fixed), saliency=saliency,
+                      timings={"total": 0.1}, folding_percent=0.0, model="none (fine-tuning only)", device="cpu",
+                      iterations=0, messages=[], similarity="mind" if similarity == "auto" else similarity,
+                      initial="physical" if initial == "auto" else initial, initial_transform=sitk.Transform(),
+                      fixed_mask=fixed_mask, moving_mask=moving_mask, kept_stage="finetune", warnings=[],
+                      stages=[{"stage": "start", "score": 1.0, "folding_percent": 0.0, "accepted": True},
+                              {"stage": "finetune", "score": 0.8, "folding_percent": 0.0, "accepted": True}],
+                      min_jacobian=0.6)
+        values.update(self.overrides)
+
+        class Result:
+            def displacement_field(self):
+                return sitk.Image(self.transform.GetDisplacementField())
+
+            @property
+            def succeeded(self):
+                return not self.warnings
+
+        result = Result()
+        result.__dict__.update(values)
+        return result
+
+
+@pytest.fixture
+def fake_engine(monkeypatch):
+    from DeepRegisterLib import registration
+
+    def install(**overrides) -> FakeEngine:
+        engine = FakeEngine(**overrides)
+        monkeypatch.setattr(registration, "register", engine)
+        return engine
+
+    return install
+
+
+def add_label_map(scene, image: sitk.Image, name: str, cls: str = "vtkMRMLLabelMapVolumeNode"):
+    node = scene.AddNewNodeByClass(cls, name)
+    mrml.update_volume_from_sitk(node, sitk.Cast(image, sitk.sitkUInt8))
+    return node
+
+
+def box_on(image: sitk.Image, low: tuple[int, int, int], high: tuple[int, int, int]) -> np.ndarray:
+    """(Z, Y, X) uint8 array on ``image``'s grid, 1 on the voxel index box [low, high) (x, y, z)."""
+    array = np.zeros(image.GetSize()[::-1], np.uint8)
+    array[low[2]:high[2], low[1]:high[1], low[0]:high[0]] = 1
+    return array
+
+
+def as_image(array: np.ndarray, reference: sitk.Image) -> sitk.Image:
+    image = sitk.GetImageFromArray(array)
+    image.CopyInformation(reference)
+    return image
+
+
+def add_segmentation(scene, name: str, reference_node, arrays: list[np.ndarray]):
+    """A segmentation with one segment per (Z, Y, X) array, each on ``reference_node``'s voxel grid."""
+    from vtk.util import numpy_support
+
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+    for index, array in enumerate(arrays):
+        image = slicer.vtkOrientedImageData()
+        image.SetDimensions(array.shape[2], array.shape[1], array.shape[0])
+        image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+        numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())[:] = array.ravel()
+        image.SetGeometryFromImageToWorldMatrix(mrml.vtk_matrix(mrml.ijk_to_ras(reference_node)))
+        node.AddSegmentFromBinaryLabelmapRepresentation(image, f"segment {index + 1}")
+    return node
+
+
+def test_label_map_mask_on_the_volume_grid_reaches_the_engine(pair, fake_engine) -> None:
+    engine = fake_engine()
+    scene = slicer.vtkMRMLScene()
+    fixed, moving = add_volume(scene, pair.fixed, "TRUS"), add_volume(scene, pair.moving, "MR")
+    inside = box_on(pair.fixed, (5, 8, 10), (30, 33, 28))
+    mask = add_label_map(scene, as_image(inside * 3, pair.fixed), "gland")  # any nonzero label is inside
+    result = RegistrationLogic(scene).register(fixed, moving, fixedMaskNode=mask, detectFieldOfView=False,
+                                               similarity="lncc", initial="physical", model="none")
+    call = engine.calls[-1]
+    assert call["model"] is None and call["similarity"] == "lncc" and call["initial"] == "physical"
+    assert call["detect_fov"] is False and call["moving_mask"] is None
+    given = call["fixed_mask"]
+    assert given.GetPixelID() == sitk.sitkUInt8
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(given), inside)
+    for attribute in ("GetSize", "GetSpacing", "GetOrigin", "GetDirection"):
+        assert getattr(given, attribute)() == getattr(call["fixed"], attribute)(), attribute
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(result.fixedMask), inside)
+    assert result.movingMask is None and not any("resampled" in m for m in result.messages)
+    assert (result.similarity, result.initial) == ("lncc", "physical")
+
+
+def test_segmentation_mask_is_the_union_of_its_segments(pair, fake_engine) -> None:
+    engine = fake_engine()
+    scene = slicer.vtkMRMLScene()
+    fixed, moving = add_volume(scene, pair.fixed, "TRUS"), add_volume(scene, pair.moving, "MR")
+    first, second = box_on(pair.moving, (4, 4, 4), (20, 20, 20)), box_on(pair.moving, (15, 25, 10), (40, 44, 30))
+    segmentation = add_segmentation(scene, "MR prostate", moving, [first, second])
+    nodes = scene.GetNumberOfNodes()
+    result = RegistrationLogic(scene).register(fixed, moving, movingMaskNode=segmentation)
+    union = np.maximum(first, second)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(engine.calls[-1]["moving_mask"]), union)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(result.movingMask), union)
+    assert engine.calls[-1]["fixed_mask"] is None and engine.calls[-1]["detect_fov"] is True
+    assert any("union of the 2 segments of 'MR prostate'" in m for m in result.messages)
+    # Exporting the segments added no node (no temporary label map, no colour table).
+    assert scene.GetNumberOfNodes() == nodes + 2  # the transform and the saliency volume
+
+
+def test_mask_on_another_grid_is_resampled_in_physical_space(pair, fake_engine) -> None:
+    engine = fake_engine()
+    scene = slicer.vtkMRMLScene()
+    fixed, moving = add_volume(scene, pair.fixed, "TRUS"), add_volume(scene, pair.moving, "MR")
+    # A label map drawn on the moving volume's (unrotated, 2.5 mm) grid, given as the fixed mask.
+    drawn = as_image(box_on(pair.moving, (10, 12, 14), (40, 38, 36)), pair.moving)
+    mask = add_label_map(scene, drawn, "drawn on MR")
+    result = RegistrationLogic(scene).register(fixed, moving, fixedMaskNode=mask)
+    got = sitk.GetArrayFromImage(engine.calls[-1]["fixed_mask"])
+    expected = sitk.GetArrayFromImage(sitk.Resample(drawn, pair.fixed, sitk.Transform(), sitk.sitkNearestNeighbor))
+    assert expected.sum() > 1000
+    assert np.mean(got != expected) < 0.002  # SimpleITK and VTK may round a voxel on the box's faces differently
+    assert any("'drawn on MR' was resampled onto the fixed volume's grid" in m for m in result.messages)
+
+    # Across parent transforms: a mask placed under a translation is resampled where it is shown.
+    shifted = add_label_map(scene, drawn, "shifted")
+    translation = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    matrix = vtk.vtkMatrix4x4()
+    matrix.SetElement(0, 3, 10.0)  # +10 mm R (world) = -10 mm x in LPS
+    translation.SetMatrixTransformToParent(matrix)
+    shifted.SetAndObserveTransformNodeID(translation.GetID())
+    RegistrationLogic(scene).register(fixed, moving, fixedMaskNode=shifted)
+    got = sitk.GetArrayFromImage(engine.calls[-1]["fixed_mask"])
+    expected = sitk.GetArrayFromImage(sitk.Resample(drawn, pair.fixed, sitk.TranslationTransform(3, (10.0, 0, 0)),
+                                                    sitk.sitkNearestNeighbor))
+    assert np.mean(got != expected) < 0.002 and np.mean(got != sitk.GetArrayFromImage(
+        sitk.Resample(drawn, pair.fixed, sitk.Transform(), sitk.sitkNearestNeighbor))) > 0.01
+
+
+def test_unusable_masks_and_options_are_refused_and_leave_the_scene_unchanged(pair, fake_engine) -> None:
+    engine = fake_engine()
+    scene = slicer.vtkMRMLScene()
+    fixed, moving = add_volume(scene, pair.fixed, "TRUS"), add_volume(scene, pair.moving, "MR")
+    empty = add_label_map(scene, as_image(box_on(pair.fixed, (0, 0, 0), (0, 0, 0)), pair.fixed), "empty")
+    far = sitk.Image(pair.moving)
+    far.SetOrigin((500.0, 500.0, 500.0))
+    elsewhere = add_label_map(scene, far > -1e9, "elsewhere")  # all inside, but 500 mm away
+    no_segments = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "nothing")
+    no_data = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "no data")
+    logic = RegistrationLogic(scene)
+    state = scene_state(scene)
+    cases = [
+        (dict(fixedMaskNode=empty), "fixed mask 'empty' has no voxel inside the fixed volume 'TRUS': it is empty"),
+        (dict(movingMaskNode=elsewhere), "moving mask 'elsewhere' has no voxel inside .* does not overlap"),
+        (dict(fixedMaskNode=no_segments), "fixed mask cannot be used: the segmentation 'nothing' has no segments"),
+        (dict(movingMaskNode=no_data), "moving mask cannot be used: 'no data' holds no image data"),
+        (dict(fixedMaskNode=fixed), "fixed mask is the fixed volume itself"),
+        (dict(similarity="ncc"), "Unknown similarity 'ncc'"),
+        (dict(initial="centres"), "Unknown initial position 'centres'"),
+    ]
+    for arguments, message in cases:
+        with pytest.raises(LogicError, match=message):
+            logic.register(fixed, moving, **arguments)
+        assert scene_state(scene) == state, message
+    assert moving.GetParentTransformNode() is None and not engine.calls
+
+
+def test_warnings_and_stage_details_reach_the_result(pair, fake_engine) -> None:
+    warnings = ["The finetune stage was rejected: it made the alignment worse.",
+                "The result is the network stage: check it before relying on it."]
+    fake_engine(warnings=warnings, kept_stage="network", min_jacobian=-0.2, folding_percent=0.3)
+    scene = slicer.vtkMRMLScene()
+    fixed, moving = add_volume(scene, pair.fixed, "TRUS"), add_volume(scene, pair.moving, "MR")
+    result = RegistrationLogic(scene).register(fixed, moving)
+    assert result.warnings == warnings and not result.succeeded
+    assert (result.keptStage, result.minJacobian, result.foldingPercent) == ("network", -0.2, 0.3)
+    assert [stage["stage"] for stage in result.stages] == ["start", "finetune"]
+    fake_engine()
+    assert RegistrationLogic(scene).register(fixed, moving).succeeded
+
+
+def test_before_tre_is_measured_from_the_registration_start(pair, fake_engine) -> None:
+    shift = (Grid.from_image(pair.moving).center - Grid.from_image(pair.fixed).center).tolist()
+    fake_engine(initial="centers", initial_transform=sitk.TranslationTransform(3, shift))
+    scene = slicer.vtkMRMLScene()
+    fixed, moving = add_volume(scene, pair.fixed, "TRUS"), add_volume(scene, pair.moving, "MR")
+    fixed_points, moving_points = add_fiducials(scene, pair.fixed_points, "F"), add_fiducials(scene, pair.moving_points, "M")
+    logic = RegistrationLogic(scene)
+    result = logic.register(fixed, moving)
+    table = logic.measureTRE(fixed_points, moving_points, result.transformNode).GetTable()
+    before = np.array([table.GetColumnByName("Before (mm)").GetValue(r) for r in range(len(pair.fixed_points))])
+    np.testing.assert_allclose(before, tre(pair.fixed_points, pair.moving_points, sitk.TranslationTransform(3, shift)),
+                               atol=1e-6)
+    assert np.median(before) < 0.5 * np.median(tre(pair.fixed_points, pair.moving_points))
+    assert logic.measureTRE(fixed_points, moving_points, result.transformNode).GetAttribute(
+        "DeepRegister.BeforeFromStart") == "1"
+    # Registering again into the same transform node from the physical positions: no stale start is kept.
+    fake_engine(initial="physical", initial_transform=sitk.Transform())
+    logic.register(fixed, moving, outputTransformNode=result.transformNode)
+    table = logic.measureTRE(fixed_points, moving_points, result.transformNode).GetTable()
+    np.testing.assert_allclose(table.GetColumnByName("Before (mm)").GetValue(0),
+                               tre(pair.fixed_points, pair.moving_points)[0], atol=1e-6)
+    assert logic.initialTransformMatrix(result.transformNode) is not None
+    fake_engine(initial_transform=nonlinear_transform())
+    logic.register(fixed, moving, outputTransformNode=result.transformNode)
+    assert logic.initialTransformMatrix(result.transformNode) is None
+
+
+def nonlinear_transform() -> sitk.Transform:
+    field = sitk.Image([5, 5, 5], sitk.sitkVectorFloat64, 3)
+    field.SetSpacing((200.0,) * 3)
+    field.SetOrigin((-400.0,) * 3)
+    values = sitk.GetArrayFromImage(field)
+    values[..., 0] = np.random.default_rng(1).normal(0, 5, values.shape[:3])
+    image = sitk.GetImageFromArray(values, isVector=True)
+    image.CopyInformation(field)
+    return sitk.DisplacementFieldTransform(image)
+
+
+def test_linear_transform_to_ras_matches_simpleitk_and_refuses_fields() -> None:
+    euler = sitk.Euler3DTransform((1.0, 2.0, 3.0), 0.1, -0.2, 0.3, (4.0, -5.0, 6.0))
+    ras = mrml.linear_transform_to_ras(euler)
+    point_lps = np.array([10.0, -20.0, 30.0])
+    expected_lps = np.asarray(euler.TransformPoint(tuple(point_lps)))
+    np.testing.assert_allclose(ras[:3, :3] @ (mrml.FLIP @ point_lps) + ras[:3, 3], mrml.FLIP @ expected_lps, atol=1e-9)
+    np.testing.assert_allclose(mrml.linear_transform_to_ras(sitk.Transform()), np.eye(4), atol=1e-12)
+    assert mrml.linear_transform_to_ras(nonlinear_transform()) is None
+    assert mrml.linear_transform_to_ras(None) is None
+
+
+@pytest.fixture(scope="module")
+def masked(pair):
+    """A real registration from the aligned centres with a segmentation as the fixed mask and, as the moving
+    mask, a label map drawn on a coarser grid than the moving volume's."""
+    scene = slicer.vtkMRMLScene()
+    fixed, moving = add_volume(scene, pair.fixed, "TRUS"), add_volume(scene, pair.moving, "MR")
+    fixed_inside = box_on(pair.fixed, (4, 6, 8), (30, 36, 38))  # off-centre: its centre is not the image's
+    segmentation = add_segmentation(scene, "TRUS gland", fixed, [fixed_inside])
+    coarse = sitk.Image([20, 20, 20], sitk.sitkUInt8)
+    coarse.SetSpacing((5.0, 5.0, 5.0))
+    coarse.SetOrigin((np.asarray(pair.moving.GetOrigin()) + 1.1).tolist())  # no voxel centre on a box face
+    coarse = as_image(box_on(coarse, (6, 3, 5), (20, 16, 18)), coarse)
+    drawn = add_label_map(scene, coarse, "MR gland (5 mm)")
+    fixed_points, moving_points = add_fiducials(scene, pair.fixed_points, "F"), add_fiducials(scene, pair.moving_points, "M")
+    logic = RegistrationLogic(scene)
+    result = logic.register(fixed, moving, iterations=20, device="cpu", fixedMaskNode=segmentation,
+                            movingMaskNode=drawn, detectFieldOfView=False, initial="centers")
+    return logic, result, fixed_inside, coarse, fixed_points, moving_points
+
+
+def mask_center_lps(mask: sitk.Image) -> np.ndarray:
+    index = np.argwhere(sitk.GetArrayFromImage(mask) > 0)[:, ::-1].mean(axis=0)
+    return np.asarray(mask.TransformContinuousIndexToPhysicalPoint(index.tolist()))
+
+
+def test_real_engine_uses_the_mask_nodes(pair, masked) -> None:
+    logic, result, fixed_inside, coarse, _, _ = masked
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(result.fixedMask), fixed_inside)
+    expected = sitk.GetArrayFromImage(sitk.Resample(coarse, pair.moving, sitk.Transform(), sitk.sitkNearestNeighbor))
+    assert np.mean(sitk.GetArrayFromImage(result.movingMask) != expected) < 0.002
+    assert result.movingMask.GetSize() == pair.moving.GetSize()
+    # The masks restrict the start: the centres aligned are the masks' centres, not the images'.
+    assert result.initial == "centers"
+    shift = np.asarray(result.initialTransform.TransformPoint((0.0, 0.0, 0.0)))
+    np.testing.assert_allclose(shift, mask_center_lps(result.movingMask) - mask_center_lps(result.fixedMask), atol=1e-3)
+    image_shift = Grid.from_image(pair.moving).center - Grid.from_image(pair.fixed).center
+    assert np.linalg.norm(shift - image_shift) > 5.0
+    assert result.similarity in ("mi", "mind", "lncc") and result.stages
+    assert result.keptStage in [stage["stage"] for stage in result.stages]
+    assert np.isfinite(result.minJacobian) and isinstance(result.warnings, list)
+    assert any("union of the 1 segment of 'TRUS gland'" in m for m in result.messages)
+    assert any("'MR gland (5 mm)' was resampled onto the moving volume's grid" in m for m in result.messages)
+
+
+def test_real_engine_before_tre_is_from_its_start(pair, masked) -> None:
+    logic, result, _, _, fixed_points, moving_points = masked
+    table = logic.measureTRE(fixed_points, moving_points, result.transformNode).GetTable()
+    before = np.array([table.GetColumnByName("Before (mm)").GetValue(r) for r in range(len(pair.fixed_points))])
+    np.testing.assert_allclose(before, tre(pair.fixed_points, pair.moving_points, result.initialTransform), atol=1e-4)
+    assert not np.allclose(before, tre(pair.fixed_points, pair.moving_points), atol=1.0)

@@ -2,8 +2,9 @@
 
 ```python
 logic = RegistrationLogic(scene)
-result = logic.register(fixedVolumeNode, movingVolumeNode)
+result = logic.register(fixedVolumeNode, movingVolumeNode, fixedMaskNode=segmentationNode)
 result.transformNode      # TransformFromParent maps fixed RAS -> moving RAS
+result.warnings           # non-empty: not a plain success (e.g. the guard kept an earlier stage)
 table = logic.measureTRE(fixedLandmarksNode, movingLandmarksNode, result.transformNode)
 logic.showResults(result)
 ```
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
+import SimpleITK as sitk
 import vtk
 
 from . import mrml
@@ -27,6 +29,12 @@ if TYPE_CHECKING:
 
 FIELD_MODES = ("off", "glyphs", "grid", "contours")
 SALIENCY_COLORMAP_NAME = "DeepRegister saliency (inferno)"
+SIMILARITIES = ("auto", "mi", "mind", "lncc")  # DeepRegisterLib.registration.register's similarity=
+INITIAL_POSITIONS = ("auto", "centers", "physical")  # ... and initial=
+NO_MODEL = "none"  # model name meaning "no trained network: fine-tuning on the pair alone" (as on the command line)
+# Attribute of the output transform node: the registration's start (fixed -> moving RAS, 16 numbers, row by
+# row), so "Before" TRE is measured from where the registration started (e.g. with image centres aligned).
+INITIAL_TRANSFORM_ATTRIBUTE = "DeepRegister.InitialTransform"
 
 
 class LogicError(ValueError):
@@ -47,6 +55,20 @@ class MRMLRegistrationResult:
     model: str
     device: str
     messages: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # non-empty: NOT a plain success; show them
+    keptStage: str = ""  # the stage whose alignment was kept (an earlier one when a later made it worse)
+    stages: list[dict] = field(default_factory=list)  # {"stage", "score", "folding_percent", "accepted"}
+    minJacobian: float | None = None  # smallest Jacobian determinant of the field (<= 0: folding)
+    similarity: str = ""  # the similarity used ("mi", "mind", "lncc")
+    initial: str = ""  # the start used: "centers" or "physical"
+    initialTransform: sitk.Transform | None = None  # the start, fixed -> moving (LPS)
+    fixedMask: sitk.Image | None = None  # the masks used (UInt8 on each image's grid), None without
+    movingMask: sitk.Image | None = None
+
+    @property
+    def succeeded(self) -> bool:
+        """True for a plain success: no warning."""
+        return not self.warnings
 
 
 def _check_volume_node(node, role: str) -> None:
@@ -62,6 +84,35 @@ def _check_volume_node(node, role: str) -> None:
                          f"({node.GetImageData().GetDimensions()}); DeepRegister registers 3D volumes.")
 
 
+def _mask_image(maskNode, volumeNode, role: str, volumeImage: sitk.Image, messages: list[str]) -> sitk.Image | None:
+    """The mask node as a UInt8 0/1 SimpleITK image on ``volumeImage``'s grid (None without a mask node)."""
+    if maskNode is None:
+        return None
+    if not (maskNode.IsA("vtkMRMLScalarVolumeNode") or maskNode.IsA("vtkMRMLSegmentationNode")):
+        raise LogicError(f"The {role} mask '{maskNode.GetName()}' is a {maskNode.GetClassName()}; select a label map "
+                         "or a segmentation.")
+    if maskNode is volumeNode:
+        raise LogicError(f"The {role} mask is the {role} volume itself; select a label map or a segmentation.")
+    try:
+        array, resampled = mrml.mask_on_volume_grid(maskNode, volumeNode)
+    except ValueError as error:
+        raise LogicError(f"The {role} mask cannot be used: {error}.") from None
+    if not array.any():
+        raise LogicError(f"The {role} mask '{maskNode.GetName()}' has no voxel inside the {role} volume "
+                         f"'{volumeNode.GetName()}'" + (" once resampled onto its grid: it is empty or does not "
+                                                        "overlap the volume." if resampled else ": it is empty."))
+    if maskNode.IsA("vtkMRMLSegmentationNode"):
+        count = maskNode.GetSegmentation().GetNumberOfSegments()
+        messages.append(f"The {role} mask is the union of the {count} segment{'s' if count != 1 else ''} of "
+                        f"'{maskNode.GetName()}' on the {role} volume's grid ({array.mean():.0%} of it).")
+    elif resampled:
+        messages.append(f"The {role} mask '{maskNode.GetName()}' was resampled onto the {role} volume's grid "
+                        f"({array.mean():.0%} of it).")
+    image = sitk.GetImageFromArray(array)
+    image.CopyInformation(volumeImage)
+    return image
+
+
 class RegistrationLogic:
     """Registration, TRE measurement and result display on an MRML scene."""
 
@@ -72,16 +123,33 @@ class RegistrationLogic:
     def register(self, fixedVolumeNode, movingVolumeNode, model: str | None = None, device: str = "auto",
                  iterations: int | None = None, progress: "ProgressCallback | None" = None,
                  outputTransformNode=None, saliencyNode=None, warpedNode=None,
-                 createWarped: bool = False) -> MRMLRegistrationResult:
+                 createWarped: bool = False, *, fixedMaskNode=None, movingMaskNode=None,
+                 detectFieldOfView: bool = True, similarity: str = "auto",
+                 initial: str = "auto") -> MRMLRegistrationResult:
         """Register the moving volume to the fixed one; the moving volume is put under the new transform.
 
+        ``model``: a model name or folder; None or "none" for fine-tuning on the pair alone.
+        ``fixedMaskNode``, ``movingMaskNode``: where each volume holds data worth comparing: a label map
+        (or scalar volume; nonzero = inside) or a segmentation (the union of its segments). A mask on
+        another grid than its volume is resampled onto it (nearest neighbour, in physical space).
+        ``detectFieldOfView``: for a volume without a mask, detect an ultrasound field of view and use it
+        as its mask. ``similarity``: "auto", "mi", "mind" or "lncc". ``initial``: the start, "auto",
+        "centers" (image centres aligned) or "physical" (positions as they are).
+
         Output nodes that are given are filled in; missing ones are created (the warped volume only
-        when ``createWarped``). Nothing in the scene changes before the engine has succeeded.
+        when ``createWarped``). Nothing in the scene changes before the engine has succeeded. The
+        result's ``warnings`` (non-empty: not a plain success) must be shown to the user.
         """
         _check_volume_node(fixedVolumeNode, "fixed")
         _check_volume_node(movingVolumeNode, "moving")
         if fixedVolumeNode is movingVolumeNode:
             raise LogicError("The fixed and moving volumes are the same volume; select two different volumes.")
+        if similarity not in SIMILARITIES:
+            raise LogicError(f"Unknown similarity '{similarity}': use one of {', '.join(SIMILARITIES)}.")
+        if initial not in INITIAL_POSITIONS:
+            raise LogicError(f"Unknown initial position '{initial}': use one of {', '.join(INITIAL_POSITIONS)}.")
+        if isinstance(model, str) and model.strip().lower() in ("", NO_MODEL):
+            model = None
         for node, role in ((outputTransformNode, "output transform"), (saliencyNode, "saliency volume"),
                            (warpedNode, "warped volume")):
             if node is not None and node in (fixedVolumeNode, movingVolumeNode):
@@ -90,13 +158,19 @@ class RegistrationLogic:
                 and movingVolumeNode.GetParentTransformNode() is not outputTransformNode:
             raise LogicError(f"The moving volume '{movingVolumeNode.GetName()}' is already under the transform "
                              f"'{movingVolumeNode.GetParentTransformNode().GetName()}'; harden or remove it first.")
+        fixedImage, movingImage = mrml.volume_to_sitk(fixedVolumeNode), mrml.volume_to_sitk(movingVolumeNode)
+        maskMessages: list[str] = []
+        fixedMask = _mask_image(fixedMaskNode, fixedVolumeNode, "fixed", fixedImage, maskMessages)
+        movingMask = _mask_image(movingMaskNode, movingVolumeNode, "moving", movingImage, maskMessages)
         from .registration import register as register_images  # torch: only needed to register
 
         try:
-            result = register_images(mrml.volume_to_sitk(fixedVolumeNode), mrml.volume_to_sitk(movingVolumeNode),
-                                     model=model, device=device, iterations=iterations, progress=progress)
+            result = register_images(fixedImage, movingImage, model=model, device=device, iterations=iterations,
+                                     progress=progress, similarity=similarity, initial=initial,
+                                     fixed_mask=fixedMask, moving_mask=movingMask, detect_fov=detectFieldOfView)
         except InputError as error:
             raise LogicError(str(error)) from None
+        initialRAS = mrml.linear_transform_to_ras(result.initial_transform)
 
         created = []
 
@@ -110,6 +184,10 @@ class RegistrationLogic:
         try:
             transformNode = node_of(outputTransformNode, "vtkMRMLGridTransformNode", f"{base} DeepRegister")
             transformNode.SetAndObserveTransformFromParent(mrml.grid_transform_from_field(result.displacement_field()))
+            if initialRAS is not None:
+                transformNode.SetAttribute(INITIAL_TRANSFORM_ATTRIBUTE, " ".join(f"{v:.17g}" for v in initialRAS.ravel()))
+            else:  # an output node reused from an earlier registration must not keep that one's start
+                transformNode.RemoveAttribute(INITIAL_TRANSFORM_ATTRIBUTE)
             saliencyNode = node_of(saliencyNode, "vtkMRMLScalarVolumeNode", f"{base} joint saliency")
             mrml.update_volume_from_sitk(saliencyNode, result.saliency)
             if warpedNode is not None or createWarped:
@@ -120,18 +198,35 @@ class RegistrationLogic:
             for node in created:
                 self.scene.RemoveNode(node)
             raise
-        return MRMLRegistrationResult(fixedVolumeNode, movingVolumeNode, transformNode, saliencyNode, warpedNode,
-                                      result.timings, result.folding_percent, result.model, result.device,
-                                      result.messages)
+        return MRMLRegistrationResult(
+            fixedVolumeNode, movingVolumeNode, transformNode, saliencyNode, warpedNode, result.timings,
+            result.folding_percent, result.model, result.device, maskMessages + list(result.messages),
+            warnings=list(result.warnings), keptStage=result.kept_stage, stages=[dict(s) for s in result.stages],
+            minJacobian=result.min_jacobian, similarity=result.similarity, initial=result.initial,
+            initialTransform=result.initial_transform, fixedMask=result.fixed_mask, movingMask=result.moving_mask)
+
+    @staticmethod
+    def initialTransformMatrix(transformNode) -> np.ndarray | None:
+        """The start of the registration that wrote ``transformNode`` (4x4, fixed -> moving RAS), or None."""
+        text = transformNode.GetAttribute(INITIAL_TRANSFORM_ATTRIBUTE) if transformNode is not None else None
+        if not text:
+            return None
+        try:
+            values = np.array([float(v) for v in text.split()])
+        except ValueError:
+            return None
+        return values.reshape(4, 4) if values.size == 16 and np.isfinite(values).all() else None
 
     # -- landmarks -----------------------------------------------------------------------------
     def measureTRE(self, fixedLandmarksNode, movingLandmarksNode, transformNode=None, tableNode=None):
         """Per-pair landmark errors (mm) before and after ``transformNode`` in a table node.
 
         Pairs are matched by order; positions are each markups node's own coordinates, so moving
-        landmarks may sit under the registration transform. Rows: one per pair (Pair, Label,
-        Before, After, Worst), then Mean, Std, Median, Max. "Worst" marks the pairs whose error
-        is at or above the 80th percentile (the largest one at least).
+        landmarks may sit under the registration transform. "Before" is measured at the
+        registration's start: through its initial transform (e.g. image centres aligned) when
+        ``transformNode`` was written by :meth:`register`, else the landmarks as they are. Rows: one
+        per pair (Pair, Label, Before, After, Worst), then Mean, Std, Median, Max. "Worst" marks the
+        pairs whose error is at or above the 80th percentile (the largest one at least).
         """
         if fixedLandmarksNode is None or movingLandmarksNode is None:
             raise LogicError("Select both a fixed and a moving landmarks node.")
@@ -142,7 +237,9 @@ class RegistrationLogic:
                              "pairs are matched by order.")
         if len(fixed) == 0:
             raise LogicError("Place at least one pair of landmarks.")
-        before = np.linalg.norm(fixed - moving, axis=1)
+        initial = self.initialTransformMatrix(transformNode)
+        start = fixed if initial is None else fixed @ initial[:3, :3].T + initial[:3, 3]
+        before = np.linalg.norm(start - moving, axis=1)
         after = None
         if transformNode is not None:
             transform = transformNode.GetTransformFromParent()
@@ -171,6 +268,9 @@ class RegistrationLogic:
                          float(statistic(after)) if after is not None else float("nan"), "")
         tableNode.SetAndObserveTable(table)
         tableNode.SetUseColumnTitleAsColumnHeader(True)
+        # "1": Before was measured from a start other than the landmarks as placed (e.g. centres aligned).
+        tableNode.SetAttribute("DeepRegister.BeforeFromStart",
+                               "1" if initial is not None and not np.allclose(initial, np.eye(4)) else "0")
         for name in ("Before (mm)", "After (mm)"):
             tableNode.SetColumnUnitLabel(name, "mm")
         return tableNode

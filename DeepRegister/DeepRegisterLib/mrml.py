@@ -99,3 +99,100 @@ def markups_points_ras(node) -> np.ndarray:
 
 def markups_labels(node) -> list[str]:
     return [node.GetNthControlPointLabel(i) for i in range(node.GetNumberOfControlPoints())]
+
+
+def vtk_matrix(matrix: np.ndarray) -> vtk.vtkMatrix4x4:
+    result = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            result.SetElement(r, c, float(matrix[r, c]))
+    return result
+
+
+def linear_transform_to_ras(transform: sitk.Transform | None, tolerance_mm: float = 1e-4) -> np.ndarray | None:
+    """The 4x4 RAS matrix of a linear SimpleITK (LPS) transform, None when it is not linear (or None).
+
+    The matrix is measured by mapping points, so any linear SimpleITK transform (translation,
+    Euler, affine, composite of these) works; a non-linear one is detected at test points."""
+    if transform is None:
+        return None
+    scale = 100.0  # mm: well conditioned for the translation and the matrix columns
+    probes = np.vstack([np.zeros(3), scale * np.eye(3)])
+    mapped = np.array([transform.TransformPoint(tuple(float(v) for v in p)) for p in probes])
+    offset = mapped[0]
+    linear = (mapped[1:] - offset).T / scale
+    for point in np.array([[37.0, -52.0, 81.0], [-140.0, 95.0, -23.0], [260.0, 310.0, -190.0]]):
+        if np.linalg.norm(np.asarray(transform.TransformPoint(tuple(point))) - (linear @ point + offset)) > tolerance_mm:
+            return None
+    ras = np.eye(4)
+    ras[:3, :3] = FLIP @ linear @ FLIP
+    ras[:3, 3] = FLIP @ offset
+    return ras
+
+
+def _reference_geometry(volume_node):
+    """An oriented image (no voxels) with the volume's extent and IJK-to-RAS matrix."""
+    from slicer import vtkOrientedImageData
+
+    reference = vtkOrientedImageData()
+    reference.SetExtent(volume_node.GetImageData().GetExtent())
+    reference.SetGeometryFromImageToWorldMatrix(vtk_matrix(ijk_to_ras(volume_node)))
+    return reference
+
+
+def _transform_between(source_node, target_node):
+    """The transform from ``source_node``'s coordinates to ``target_node``'s (None when they share
+    their parent transform), as Slicer's Segmentations module computes it."""
+    from slicer import vtkMRMLTransformNode
+
+    source_parent, target_parent = source_node.GetParentTransformNode(), target_node.GetParentTransformNode()
+    if source_parent is target_parent:
+        return None
+    transform = vtk.vtkGeneralTransform()
+    vtkMRMLTransformNode.GetTransformBetweenNodes(source_parent, target_parent, transform)
+    return transform
+
+
+def mask_on_volume_grid(mask_node, volume_node) -> tuple[np.ndarray, bool]:
+    """A mask node as a (Z, Y, X) uint8 0/1 array on the volume node's voxel grid, and whether it had to
+    be resampled (nearest neighbour, in physical space, across parent transforms) to get there.
+
+    ``mask_node``: a label map or scalar volume (nonzero = inside) or a segmentation (the union of all its
+    segments, exported through its binary labelmap representation). Raises ValueError when the mask
+    cannot be read (no image data, no segments, several components)."""
+    from slicer import (vtkOrientedImageData, vtkOrientedImageDataResample, vtkSegmentation,
+                        vtkSegmentationConverter, vtkSlicerSegmentationsModuleLogic)
+
+    reference = _reference_geometry(volume_node)
+    output = vtkOrientedImageData()
+    if mask_node.IsA("vtkMRMLSegmentationNode"):
+        segmentation = mask_node.GetSegmentation()
+        if segmentation is None or segmentation.GetNumberOfSegments() == 0:
+            raise ValueError(f"the segmentation '{mask_node.GetName()}' has no segments")
+        if not segmentation.CreateRepresentation(vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName()):
+            raise ValueError(f"the segmentation '{mask_node.GetName()}' cannot be converted to a binary labelmap")
+        # All segments (empty ID list), merged into one label image on the volume's geometry; the
+        # transforms between the segmentation and the volume are followed.
+        vtkSlicerSegmentationsModuleLogic.GenerateMergedLabelmapInReferenceGeometry(
+            mask_node, volume_node, vtk.vtkStringArray(), vtkSegmentation.EXTENT_REFERENCE_GEOMETRY, output)
+        resampled = True
+    else:
+        image_data = mask_node.GetImageData() if mask_node.IsA("vtkMRMLScalarVolumeNode") else None
+        if image_data is None or image_data.GetPointData().GetScalars() is None:
+            raise ValueError(f"'{mask_node.GetName()}' holds no image data")
+        if image_data.GetNumberOfScalarComponents() != 1:
+            raise ValueError(f"'{mask_node.GetName()}' is a colour or vector volume, not a label map")
+        mask = vtkOrientedImageData()
+        mask.ShallowCopy(image_data)
+        mask.SetGeometryFromImageToWorldMatrix(vtk_matrix(ijk_to_ras(mask_node)))
+        transform = _transform_between(mask_node, volume_node)
+        resampled = transform is not None or not (vtkOrientedImageDataResample.DoGeometriesMatch(mask, reference)
+                                                  and vtkOrientedImageDataResample.DoExtentsMatch(mask, reference))
+        if not vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
+                mask, reference, output, False, False, transform):
+            raise ValueError(f"'{mask_node.GetName()}' could not be resampled onto the volume's grid")
+    if tuple(output.GetExtent()) != tuple(reference.GetExtent()) or output.GetPointData().GetScalars() is None:
+        raise ValueError(f"'{mask_node.GetName()}' could not be brought onto the volume's grid")
+    dims = output.GetDimensions()
+    array = numpy_support.vtk_to_numpy(output.GetPointData().GetScalars()).reshape(dims[2], dims[1], dims[0])
+    return (array != 0).astype(np.uint8), resampled
