@@ -144,3 +144,274 @@ def test_network_measurement_reports_every_variant_against_fp32() -> None:
         assert row["max_difference_from_fp32_mm"] < (1e-6 if name == "fp32" else 1e-3)
     default = str(load_model("mrus")[0].finetune_iterations)
     assert set(result["register_seconds"]) == {"0", default} and result["register_seconds"][default]["finetune"] > 0
+
+
+# -- generalisation suite, masks, whole-process timing, busy cores (issue #20 items 6 and 7) ----
+def _generalisation_script():
+    import sys
+
+    folder = str(REPO / "Testing" / "Performance")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    import make_generalisation_pairs
+
+    return make_generalisation_pairs
+
+
+def _head_volumes(script, size: int = 64, spacing: float = 2.0):
+    """A brain-like stand-in for the MNI152 volumes (tests must not download): ellipsoidal white
+    matter inside a folded grey-matter shell inside a head, T1-like intensities in [0, 1]."""
+    z, y, x = (np.indices((size,) * 3) - (size - 1) / 2) * spacing
+    radius = np.sqrt((x / 55) ** 2 + (y / 60) ** 2 + (z / 50) ** 2)
+    folds = 0.06 * np.sin(x / 4.0) * np.sin(y / 5.0) * np.sin(z / 4.5)
+    wm = np.clip((0.62 + folds - radius) / 0.05 + 0.5, 0, 1)
+    gm = np.clip((1.0 - radius) / 0.05 + 0.5, 0, 1) - wm
+    head = np.clip((1.15 - radius) / 0.05 + 0.5, 0, 1)
+    t1 = 0.15 * head + 0.35 * gm + 0.45 * wm + 0.04 * np.sin(x / 3.0 + y / 7.0)
+    images = []
+    for array in (t1, gm, wm):
+        image = sitk.GetImageFromArray(np.clip(array, 0, 1).astype(np.float32))
+        image.SetSpacing((spacing,) * 3)
+        image.SetOrigin((-(size - 1) * spacing / 2,) * 3)
+        images.append(image)
+    return script.Volumes(*images)
+
+
+@pytest.fixture(scope="module")
+def generated_pairs() -> dict:
+    """One dev pair of every family (two for us-fan and aniso: both fan sides and both spacings),
+    40^3 at 2 mm on the stand-in head."""
+    script = _generalisation_script()
+    volumes = _head_volumes(script)
+    pairs = {}
+    for family in script.FAMILIES:
+        for index in ((0, 1) if family in ("us-fan", "aniso") else (0,)):
+            pairs[(family, index)] = script.make_pair(volumes, family, "dev", index, size=40, spacing=2.0)
+    return {"script": script, "volumes": volumes, "pairs": pairs}
+
+
+def _field_magnitudes(pair) -> np.ndarray:
+    field = sitk.TransformToDisplacementField(pair.transform, sitk.sitkVectorFloat64, pair.fixed.GetSize(),
+                                              pair.fixed.GetOrigin(), pair.fixed.GetSpacing(), pair.fixed.GetDirection())
+    return np.linalg.norm(sitk.GetArrayFromImage(field), axis=-1)
+
+
+def test_generalisation_families_have_their_declared_displacements(generated_pairs: dict) -> None:
+    script = generated_pairs["script"]
+    for (family, index), pair in generated_pairs["pairs"].items():
+        spec, truth = script.FAMILIES[family], pair.truth
+        assert pair.split == "dev" and pair.seed == script.seed_of(spec, "dev", index)
+        assert pair.modality == spec.modality and truth["field"] == spec.field
+        low, high = spec.length_scale_mm
+        assert all(low <= s <= high for s in truth["length_scale_mm"]), (family, truth["length_scale_mm"])
+        magnitudes = _field_magnitudes(pair)
+        assert magnitudes.max() <= script.MAX_MM + 1e-3, (family, magnitudes.max())
+        assert truth["max_mm"] == pytest.approx(magnitudes.max(), abs=1e-3)
+        assert truth["min_jacobian"] > script.MIN_JACOBIAN
+        assert len(pair.fixed_points) == len(pair.moving_points) == 20
+        # landmarks: the moving points are the fixed points' images under the true transform
+        mapped = np.array([pair.transform.TransformPoint(tuple(p)) for p in pair.fixed_points])
+        np.testing.assert_allclose(mapped, pair.moving_points, atol=1e-6)
+        distances = np.linalg.norm(pair.moving_points - pair.fixed_points, axis=1)
+        assert 2.0 <= np.median(distances) <= 8.0, (family, np.median(distances))
+        # the true transform scores perfectly on the labels, partial fields of view included
+        from DeepRegisterLib.metrics import dice_per_label
+
+        dice = dice_per_label(pair.fixed_labels, pair.moving_labels, pair.transform)
+        assert set(dice) == {"label 1", "label 2"} and min(dice.values()) > 0.97, (family, dice)
+    # scale families differ by their length scales, as declared
+    small, large = (generated_pairs["pairs"][(f, 0)].truth["length_scale_mm"] for f in ("scale-small", "scale-large"))
+    assert max(small) <= 16 < 24 <= min(large)
+
+
+def test_generalisation_masks_anisotropy_and_overlap(generated_pairs: dict) -> None:
+    pairs, script = generated_pairs["pairs"], generated_pairs["script"]
+    for index, side in ((0, "fixed"), (1, "moving")):
+        pair = pairs[("us-fan", index)]
+        mask = pair.fixed_mask if side == "fixed" else pair.moving_mask
+        image = pair.fixed if side == "fixed" else pair.moving
+        assert (pair.moving_mask if side == "fixed" else pair.fixed_mask) is None
+        inside = sitk.GetArrayFromImage(mask) > 0
+        empty = 1 - inside.mean()
+        assert 0.5 <= empty <= 0.7 and empty == pytest.approx(pair.truth["empty_fraction"], abs=1e-9)
+        assert pair.truth["fan_side"] == side and mask.GetSize() == image.GetSize()
+        assert mask.GetOrigin() == image.GetOrigin() and mask.GetSpacing() == image.GetSpacing()
+        values = sitk.GetArrayFromImage(image)
+        assert np.all(values[~inside] == 0) and np.count_nonzero(values[inside]) > 0.9 * inside.sum()
+    for index, relative in enumerate(script.ANISO_SPACINGS):
+        pair = pairs[("aniso", index)]
+        assert pair.fixed.GetSpacing() == pytest.approx([2.0 * s for s in relative])
+        assert pair.moving.GetSpacing() == pytest.approx((2.0, 2.0, 2.0))
+        assert pair.fixed.GetSize()[2] == round(80 / (2.0 * relative[2]))
+    pair = pairs[("overlap", 0)]
+    fixed_extent = np.array(pair.fixed.GetSize()) * pair.fixed.GetSpacing()
+    moving_extent = np.array(pair.moving.GetSize()) * pair.moving.GetSpacing()
+    assert sorted(moving_extent / fixed_extent)[1:] == [1.0, 1.0]
+    assert 0.45 <= min(moving_extent / fixed_extent) <= 0.75
+    assert 0.5 <= pair.truth["overlap_fraction"] <= 0.7
+    # fixed seeds: the same pair again is the same, voxel for voxel
+    again = script.make_pair(generated_pairs["volumes"], "us-fan", "dev", 1, size=40, spacing=2.0)
+    for a, b in ((again.moving, pairs[("us-fan", 1)].moving), (again.moving_mask, pairs[("us-fan", 1)].moving_mask)):
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(a), sitk.GetArrayFromImage(b))
+
+
+def test_pairs_csv_round_trips_families_splits_and_masks(generated_pairs: dict, tmp_path: Path) -> None:
+    from DeepRegisterLib.benchmark import read_pairs, select_pairs
+
+    script = generated_pairs["script"]
+    path = script.generate(generated_pairs["volumes"], tmp_path / "pairs", ["us-fan", "bias"], dev=2, test=1,
+                           size=32, spacing=2.0, log=lambda *_: None)
+    with path.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0])[:9] == script.FIELDS and {"family", "split", "fixed_mask", "moving_mask"} <= set(rows[0])
+    pairs = read_pairs(path)
+    assert [(p.family, p.split) for p in pairs] == [("us-fan", "dev")] * 2 + [("us-fan", "test"), ("bias", "dev"),
+                                                                              ("bias", "dev"), ("bias", "test")]
+    fan = [p for p in pairs if p.family == "us-fan"]
+    assert [p.fixed_mask is not None for p in fan] == [True, False, True]
+    assert [p.moving_mask is not None for p in fan] == [False, True, False]
+    assert all(p.fixed_mask is None or p.fixed_mask.is_absolute() and p.fixed_mask.exists() for p in pairs)
+    assert all(p.fixed_mask is None and p.moving_mask is None for p in pairs if p.family == "bias")
+    assert [p.name for p in select_pairs(pairs, "test", None)] == [p.name for p in pairs if p.split == "test"]
+    assert len(select_pairs(pairs, "dev", ["bias"])) == 2
+    assert len({p.name for p in pairs}) == 6 and fan[0].name == "us-fan-dev-10700"
+    # an old CSV without the new columns still reads: family = kind, no split, no masks
+    (tmp_path / "old.csv").write_text(f"name,kind,modality,fixed,moving\na,brain,mono,{fan[0].fixed},{fan[0].moving}\n")
+    [old] = read_pairs(tmp_path / "old.csv")
+    assert (old.family, old.split, old.fixed_mask, old.moving_mask) == ("brain", "", None, None)
+    (tmp_path / "bad.csv").write_text(f"name,kind,modality,fixed,moving,split\na,b,mono,{fan[0].fixed},{fan[0].moving},x\n")
+    with pytest.raises(ValueError, match="split"):
+        read_pairs(tmp_path / "bad.csv")
+
+
+def _ball_and_ring(folder: Path) -> tuple[list[str], np.ndarray]:
+    """A 40^3 pair (2 mm) whose ball moves +4 mm in x and whose surrounding ring moves -6 mm: no
+    affine transform explains both, so an affine registration follows whichever the masks keep."""
+    n, spacing = 40, 2.0
+    z, y, x = (np.indices((n,) * 3) - (n - 1) / 2) * spacing
+
+    def image(array: np.ndarray, pixel=sitk.sitkFloat32) -> sitk.Image:
+        result = sitk.GetImageFromArray(array.astype(np.float32))
+        result.SetSpacing((spacing,) * 3)
+        result.SetOrigin((-(n - 1) * spacing / 2,) * 3)
+        return sitk.Cast(result, pixel)
+
+    def scene(ball: float, ring: float) -> sitk.Image:
+        r_ball, r_ring = np.sqrt((x - ball) ** 2 + y ** 2 + z ** 2), np.sqrt((x - ring) ** 2 + y ** 2 + z ** 2)
+        return sitk.SmoothingRecursiveGaussian(image(200.0 * (r_ball < 8) + 120.0 * ((r_ring > 16) & (r_ring < 22))), 1.5)
+
+    files = [str(folder / name) for name in ("fixed.nii.gz", "moving.nii.gz", "fixed_mask.nii.gz", "moving_mask.nii.gz")]
+    sitk.WriteImage(scene(0, 0), files[0])
+    sitk.WriteImage(scene(4, -6), files[1])
+    sitk.WriteImage(image(np.sqrt(x ** 2 + y ** 2 + z ** 2) < 12, sitk.sitkUInt8), files[2])  # the fixed ball
+    ring = np.sqrt((x + 6) ** 2 + y ** 2 + z ** 2)
+    sitk.WriteImage(image((ring < 13) | (ring > 25), sitk.sitkUInt8), files[3])  # all but the moving ring
+    return files, np.array([[0.0, 0, 0], [4, 0, 0], [0, 4, 0], [0, 0, 4], [-4, 0, 0]])
+
+
+def test_elastix_registers_inside_the_masks_it_is_given(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Through the worker's command line (TOOL OPTIONS FIXED MOVING MODALITY OUT THREADS FIXED_MASK
+    MOVING_MASK): without masks elastix's affine stage follows the larger ring (~10 mm off at the
+    ball); a fixed mask on the ball, or a moving mask without the ring, brings the ball within 3 mm."""
+    import json
+
+    from DeepRegisterLib.benchmark import read_transform, worker
+
+    (fixed, moving, fixed_mask, moving_mask), points = _ball_and_ring(tmp_path)
+    options = json.dumps({"affine_iterations": 64, "bspline_iterations": 0})
+    errors = {}
+    for name, masks in (("none", ["", ""]), ("fixed", [fixed_mask, ""]), ("moving", ["", moving_mask])):
+        out = tmp_path / name
+        out.mkdir()
+        assert worker(["elastix", options, fixed, moving, "mono", str(out), "1", *masks]) == 0
+        report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        errors[name] = np.median(tre(points, points + [4.0, 0, 0], read_transform(Path(report["transform"]))))
+    assert errors["none"] > 7.0, errors
+    assert errors["fixed"] < 3.0 and errors["moving"] < 3.5, errors
+
+
+def test_masks_reach_every_method_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """run_one hands the pair's masks to the worker; --timing process puts them on each tool's
+    command line (DeepRegister's CLI as --fixed-mask / --moving-mask)."""
+    import json
+    import subprocess
+
+    from DeepRegisterLib import benchmark
+
+    (fixed, moving, fixed_mask, _), _ = _ball_and_ring(tmp_path)
+    pair = benchmark.BenchmarkPair("p", "k", "mono", Path(fixed), Path(moving), None, None, None, None,
+                                   fixed_mask=Path(fixed_mask))
+    identity = tmp_path / "identity.tfm"
+    sitk.WriteTransform(sitk.TranslationTransform(3), str(identity))
+    commands = []
+
+    def fake_run(command, **kwargs):
+        commands.append(command)
+        return subprocess.CompletedProcess(command, 0, json.dumps({"seconds": 1.0, "peak_rss_mb": 100.0,
+                                                                   "transform": str(identity)}) + "\n", "")
+
+    monkeypatch.setattr(benchmark.subprocess, "run", fake_run)
+    method = benchmark.Method("elastix", "elastix", {"affine_iterations": 1, "bspline_iterations": 0})
+    row = benchmark.run_one(pair, method, 1, 60)
+    assert row["status"] == "ok" and commands[0][-2:] == [fixed_mask, ""]
+    deepregister = benchmark.Method("deepregister/x", "deepregister", {"model": None, "iterations": 3})
+    command = benchmark.process_command(pair, deepregister, tmp_path, 1)
+    assert command[1:4] == ["-m", "DeepRegisterLib.cli", "register"]
+    assert command[command.index("--fixed-mask") + 1] == fixed_mask and "--moving-mask" not in command
+    assert command[command.index("--iterations") + 1] == "3" and "--model" not in command
+    elastix = benchmark.process_command(pair, method, tmp_path, 1)
+    assert elastix[1] == "-c" and "elastix_registration_method" in elastix[2] and elastix[-2:] == [fixed_mask, ""]
+    compile(elastix[2], "elastix-process", "exec")
+    ants = benchmark.process_command(pair, benchmark.Method("ants/SyN", "ants", {"type_of_transform": "SyN",
+                                                                                  "quick": True}), tmp_path, 1)
+    assert ants[-2:] == [fixed_mask, ""] and (tmp_path / "centres.mat").exists()
+    compile(ants[2], "ants-process", "exec")
+
+
+def test_busy_cores_starts_and_stops_its_processes() -> None:
+    import os
+    import time
+
+    from DeepRegisterLib.benchmark import BusyCores
+
+    with BusyCores(2, seconds=60) as busy:
+        pids = busy.pids()
+        assert len(pids) == 2 and busy.process.pid in pids
+        time.sleep(0.6)
+        assert busy.cpu_seconds() > 0.1  # they do burn CPU (two cores shared with others: a low bar)
+    assert busy.process.poll() is not None and busy.pids() == []
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(os.path.exists(f"/proc/{pid}") for pid in pids):
+        time.sleep(0.05)  # the forked one is reaped by init
+    assert not any(os.path.exists(f"/proc/{pid}") for pid in pids)
+    with BusyCores(0) as idle:
+        assert idle.process is None and idle.pids() == [] and idle.cpu_seconds() == 0.0
+
+
+def test_report_has_per_family_split_tables() -> None:
+    from DeepRegisterLib.benchmark_report import split_tables
+
+    rows = []
+    for split in ("dev", "test"):
+        for family, index in (("us-fan", 0), ("us-fan", 1), ("bias", 0)):
+            pair = f"{family}-{split}-{index}"
+            for method, seconds, tre_mm in (("centres aligned", 0.0, 4.0), ("elastix", 30.0, 1.0),
+                                            ("deepregister/generic+ft", 2.0 + index, 0.5 + index)):
+                rows.append({"pair": pair, "kind": family, "family": family, "split": split, "method": method,
+                             "status": "ok", "seconds": seconds, "tre_median_mm": tre_mm, "dice_mean": 0.9,
+                             "folding_percent": 0.0, "voxels": 1000})
+    rows.append({"pair": "old", "kind": "brain", "method": "elastix", "status": "ok", "seconds": 1.0,
+                 "folding_percent": 0.0, "voxels": 1})  # no split: not in these tables
+    lines = split_tables(rows)
+    assert any("tuned on none of these families (us-fan, bias)" in line for line in lines)
+    headings = [line for line in lines if line.startswith("### ")]
+    assert headings == ["### test split", "### dev split"]
+    table = [line for line in lines if line.startswith("| us-fan | deepregister")]
+    assert len(table) == 2
+    cells = [c.strip() for c in table[0].strip("|").split("|")]
+    assert cells[2:] == ["2", "1.00", "0.900", "0.000", "2.50", "12.0"]  # medians over the 2 pairs; 30 / 2.5
+    assert not any(line.startswith("| brain") for line in lines)
+    tuned = split_tables(rows, tuned_on=["bias"])
+    assert any(line.startswith("| bias * | elastix") for line in tuned)
+    assert any("tuned on the dev pairs of: bias" in line for line in tuned)
+    assert split_tables([r for r in rows if not r.get("split")]) == []

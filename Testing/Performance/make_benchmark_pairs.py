@@ -15,6 +15,8 @@ Kinds of pairs:
   labels 1 = grey matter, 2 = white matter (MNI152 probability maps > 0.5); 20 landmarks in the brain.
 * ``size-64``, ``size-128``, ``size-192``: one ultrasound-like brain pair each on the same 192 mm field
   of view at 3, 1.5 and 1 mm, to show how time and memory grow with the number of voxels.
+
+Families the engine was not tuned on, with dev and test splits and masks: make_generalisation_pairs.py.
 """
 
 from __future__ import annotations
@@ -63,8 +65,16 @@ def mrus_rows(data: Path, out: Path, count: int, held_out: int = 16, seed: int =
 
 
 def brain_labels(gm: sitk.Image, wm: sitk.Image) -> sitk.Image:
-    """Label map on the MNI152 grid: 1 = grey matter, 2 = white matter (probability > 0.5)."""
-    return sitk.Cast(gm > 0.5, sitk.sitkUInt8) + 2 * sitk.Cast(wm > 0.5, sitk.sitkUInt8)
+    """Label map on the MNI152 grid: 1 = grey matter, 2 = white matter (probability > 0.5).
+
+    Probability maps stored on a 0-255 scale (nilearn's MNI152 files) are divided by 255 first: a
+    threshold of 0.5 on the raw values made label 1 "any grey matter", 3 (GM and WM both > 0.2 %)
+    most of the brain, and 2 almost nothing (before 2026-12-07)."""
+    def probability(image: sitk.Image) -> sitk.Image:
+        image = sitk.Cast(image, sitk.sitkFloat32)
+        return image / 255.0 if sitk.GetArrayViewFromImage(image).max() > 1.0 else image
+
+    return sitk.Cast(probability(gm) > 0.5, sitk.sitkUInt8) + 2 * sitk.Cast(probability(wm) > 0.5, sitk.sitkUInt8)
 
 
 def synthetic_rows(volume: sitk.Image, labels: sitk.Image, out: Path, specs: list[tuple[str, int, float, bool, int]]) -> list[dict]:
@@ -96,10 +106,10 @@ def default_specs(brain_pairs: int, sizes: bool = True) -> list[tuple[str, int, 
     return specs
 
 
-def write_pairs_csv(rows: list[dict], out: Path) -> Path:
+def write_pairs_csv(rows: list[dict], out: Path, fields: list[str] = FIELDS) -> Path:
     path = out / "pairs.csv"
     with path.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=FIELDS)
+        writer = csv.DictWriter(handle, fieldnames=fields, restval="")
         writer.writeheader()
         writer.writerows(rows)
     return path
