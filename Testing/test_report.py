@@ -138,3 +138,20 @@ def test_radiological_orientation(plane_name):
     spacing = plane.reference.GetSpacing()[0]
     assert abs(abs(column - (values.shape[1] - 1) / 2) * spacing - 6.0) <= 1.5 * spacing
     assert abs(abs(row - (values.shape[0] - 1) / 2) * spacing - 6.0) <= 1.5 * spacing
+
+
+def test_warning_is_drawn_in_red_in_the_header_only(tmp_path, baseline):
+    warned = render(tmp_path / "warning.png", synthetic_pair())
+    assert warned.shape == baseline.shape and np.array_equal(warned, baseline)  # no warning: the same figure
+    images = synthetic_pair()
+    report.write_report_png(tmp_path / "warned.png", title="synthetic test",
+                            warning="WARNING: kept the network stage " + "and more " * 40, **images)
+    warned = matplotlib.image.imread(str(tmp_path / "warned.png"))[..., :3]
+    assert warned.shape == baseline.shape  # the layout does not depend on the warning
+    assert column_difference(baseline, warned).max() == 0.0  # panels untouched
+    changed = np.abs(warned[:80] - baseline[:80]).max(axis=2) > 0.1
+    red = (warned[:80, :, 0] > 0.6) & (warned[:80, :, 1] < 0.4) & (warned[:80, :, 2] < 0.4)
+    assert red.sum() > 200 and red[changed].mean() > 0.3
+    # Shortened to one line: it stays inside the figure's width.
+    columns = np.flatnonzero(red.any(axis=0))
+    assert columns.min() > 0 and columns.max() < warned.shape[1] - 1

@@ -17,7 +17,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from DeepRegisterLib.imageio import check_volume, read_image
+from DeepRegisterLib.imageio import center_alignment, check_volume, read_image
 from DeepRegisterLib.models import ModelCard
 from DeepRegisterLib.registration import PairInputs, model_grid
 from DeepRegisterLib.spatial import Grid
@@ -97,7 +97,7 @@ def prepare_pair(files: PairFiles, card: ModelCard) -> PreparedPair:
     fixed = check_volume(read_image(files.fixed), "fixed")
     moving = check_volume(read_image(files.moving), "moving")
     grid = model_grid(fixed, card)
-    inputs = PairInputs.prepare(fixed, moving, card)
+    inputs = PairInputs.prepare(fixed, moving, card, center_alignment(fixed, moving))
     fixed_t, moving_t = (t[0] for t in inputs.on(grid, torch.device("cpu")))
     return PreparedPair(files.name, fixed_t, moving_t, _labels_on_grid(files.fixed_labels, grid, sitk.Transform()),
                         _labels_on_grid(files.moving_labels, grid, inputs.shift), grid)

@@ -12,12 +12,14 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is only needed to load weights: listing models stays light
+    import torch
 
 CARD_FILE = "model.json"
 WEIGHTS_FILE = "model.safetensors"
-DEFAULT_MODEL = "mrus"  # the default for MR to TRUS, the product's main use
+DEFAULT_MODEL = "generic"  # the best general model (any modality pair): used when none is named
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
 
@@ -82,8 +84,9 @@ def read_card(folder: Path) -> ModelCard:
 
 
 def default_model(cards: list[ModelCard]) -> str:
-    """The model a new registration starts with: ``mrus`` (MR to TRUS, the product's main use)
-    when installed, else the first installed model, else "" (fine-tuning on the pair alone)."""
+    """The model a registration uses when none is named (command line and Slicer panel alike):
+    ``generic``, the best general model, when installed, else the first installed model, else ""
+    (no network: fine-tuning on the pair alone, what ``--model none`` asks for)."""
     names = [card.name for card in cards]
     return DEFAULT_MODEL if DEFAULT_MODEL in names else (names[0] if names else "")
 

@@ -27,6 +27,7 @@ import SimpleITK as sitk
 import torch
 
 from DeepRegisterLib import registration
+from DeepRegisterLib.imageio import center_alignment
 from DeepRegisterLib.models import find_model, load_model, read_card
 from DeepRegisterLib.synthetic import make_phantom_pair
 
@@ -67,7 +68,7 @@ def model_inputs(model: str, fixed: sitk.Image, moving: sitk.Image, device: torc
                  ) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
     """The model (eval mode) and the pair on its grid, as ``register`` prepares them: (1, 1, Z, Y, X) each."""
     card, network = load_model(model, device)
-    inputs = registration.PairInputs.prepare(fixed, moving, card)
+    inputs = registration.PairInputs.prepare(fixed, moving, card, center_alignment(fixed, moving))
     fixed_t, moving_t = inputs.on(registration.model_grid(fixed, card), device)
     return network.eval(), fixed_t, moving_t
 
