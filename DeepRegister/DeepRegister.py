@@ -169,8 +169,8 @@ class InitialPosition(enum.Enum):
 
     def description(self) -> str:
         return {
-            "auto": _("Keeps the volumes where they are when they overlap well, else aligns their centres "
-                      "(DeepRegister compares both starts)."),
+            "auto": _("Aligns the centres of the volumes (or of their masks) unless the volumes' own positions, "
+                      "where they overlap, match better by two similarity measures."),
             "centers": _("Moves the moving volume so that the centres of the volumes (or of their masks) coincide; "
                          "for volumes from different scanners whose coordinates are unrelated."),
             "physical": _("Starts from the volumes' positions as they are; for volumes already in a common frame "

@@ -88,7 +88,8 @@ def test_auto_start_trusts_physical_positions_only_where_they_overlap(navigated_
     far.SetOrigin(tuple(np.asarray(moving.GetOrigin()) + 300.0))  # a scanner frame far away
     moved = registration.register(fixed, far, iterations=0, device="cpu")
     assert moved.initial == "centers"
-    assert any("physical positions only" in message for message in moved.messages)
+    assert any(message.startswith("Started from the") and "centres aligned" in message for message in moved.messages)
+    assert median_tre(fixed_points, moving_points + 300.0, moved.initial_transform) < 15.0  # near the navigated start
 
 
 def fooling_pair() -> tuple[sitk.Image, sitk.Image, np.ndarray]:
@@ -109,7 +110,7 @@ def test_guard_keeps_the_start_when_the_similarity_is_fooled(monkeypatch: pytest
     assert guarded.kept_stage == "start" and not guarded.succeeded
     assert any("deformable stage was rejected" in warning for warning in guarded.warnings)
     assert [stage["accepted"] for stage in guarded.stages] == [True, False, False]
-    monkeypatch.setattr(guard, "worse", lambda candidate, best: False)  # the same run, unguarded
+    monkeypatch.setattr(guard, "verdict", lambda candidate, best: "")  # the same run, unguarded
     unguarded = registration.register(fixed, moving, **options)
     assert unguarded.kept_stage == "deformable" and unguarded.succeeded
     assert median_tre(points, points, unguarded.transform) > 0.5
@@ -120,12 +121,18 @@ def test_guard_refuses_a_folding_stage() -> None:
     folded = guard.StageScore("deformable", mind=0.05, mi=-0.9, folding_percent=2.0)
     kept, warnings = guard.choose([start, folded])
     assert kept is start and "folds on 2.00 %" in warnings[0]
-    better = guard.StageScore("affine", mind=0.08, mi=-0.6, folding_percent=0.0)
-    worse_mi = guard.StageScore("deformable", mind=0.07, mi=-0.4, folding_percent=0.0)
+    better = guard.StageScore("affine", mind=0.07, mi=-0.6, folding_percent=0.0)
+    worse_mi = guard.StageScore("deformable", mind=0.05, mi=-0.4, folding_percent=0.0)
     kept, warnings = guard.choose([start, better, worse_mi])
     assert kept is better and "the affine stage" in warnings[-1]
-    neutral = guard.StageScore("network", mind=0.1, mi=-0.5, folding_percent=0.0)
-    assert guard.choose([start, neutral, better]) == (better, [])
+    neutral = guard.StageScore("network", mind=0.099, mi=-0.5, folding_percent=0.0)
+    assert guard.choose([start, neutral, better]) == (better, [])  # a stage that changes little is passed over
+    kept, warnings = guard.choose([start, neutral])
+    assert kept is start and "did not clearly improve" in warnings[0]
+    organs = [guard.StageScore(name, mind=0.1, mi=-0.5, folding_percent=0.0, organ_dice=dice)
+              for name, dice in (("start", 0.6), ("network", 0.8), ("affine", 0.75))]
+    kept, warnings = guard.choose(organs)  # organ maps judge instead of the intensities
+    assert kept is organs[1] and "organ outlines overlap less (soft Dice 0.800 -> 0.750)" in warnings[0]
 
 
 @pytest.mark.skipif(not MRUS.is_dir(), reason="needs ../shared/data/mrus_sim")

@@ -4,7 +4,12 @@ Each stage (the start position, the network's field, the fine-tuned affine, the 
 deformable field) is scored inside the masks by two similarities that fail differently:
 MIND-SSC descriptors compared by SSD (local self-similarity: robust to intensity mappings
 and to an empty region's edge) and Mattes mutual information (global histogram). A stage is
-kept unless MIND or MI gets worse, or its field folds.
+kept when it improves MIND clearly (by MIN_MIND_GAIN: on images that say little about the
+alignment, both similarities improve a little whatever the field does) and neither MIND nor MI
+gets worse, and its field does not fold. For models with organ segmenters the
+overlap of the network's organ maps judges instead of the intensities: on images whose
+intensities say little about the organ (MR against TRUS) it is the signal the model was
+trained to find.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from . import spatial
-from .losses import mind_loss, mind_ssc, mutual_information_loss
+from .losses import mind_loss, mind_ssc, mutual_information_loss, soft_dice
 from .spatial import Grid
 
 MAX_FOLDING_PERCENT = 0.1  # a stage whose field folds on more voxels than this is refused
@@ -23,6 +28,8 @@ MIND_TOLERANCE = 0.002  # relative MIND increase that makes a stage worse
 MI_TOLERANCE = 0.01  # relative MI loss a stage may bring (noise of the histogram estimate)
 MIND_DILATION = 2  # voxels of the judge's grid between the descriptor's neighbours
 MIND_REACH = 4  # voxels a descriptor sees (dilation + patch): masks are eroded by this for judging
+ORGAN_TOLERANCE = 0.01  # soft Dice of the organ maps a stage may lose
+MIN_MIND_GAIN = 0.2  # relative MIND decrease that counts as a clear improvement
 
 
 def erode(mask: torch.Tensor, voxels: int) -> torch.Tensor:
@@ -41,11 +48,12 @@ class StageScore:
     mind: float
     mi: float
     folding_percent: float
+    organ_dice: float | None = None  # soft Dice of the fixed and warped moving organ maps, when a model gives them
     accepted: bool = False
 
     def as_dict(self) -> dict:
         return {"stage": self.stage, "score": self.mind, "mind": self.mind, "mi": self.mi,
-                "folding_percent": self.folding_percent, "accepted": self.accepted}
+                "organ_dice": self.organ_dice, "folding_percent": self.folding_percent, "accepted": self.accepted}
 
 
 class StageJudge:
@@ -60,10 +68,14 @@ class StageJudge:
 
     def __init__(self, fixed: torch.Tensor, moving: torch.Tensor, fixed_mask: torch.Tensor,
                  moving_mask: torch.Tensor, grid: Grid) -> None:
-        self.grid, self.fixed = grid, fixed
+        self.grid, self.fixed, self.organs = grid, fixed, None
         self.fixed_mask = erode(fixed_mask, MIND_REACH)
         self.fixed_descriptors = mind_ssc(fixed, MIND_DILATION)
         self.moving_stack = torch.cat([mind_ssc(moving, MIND_DILATION), moving, erode(moving_mask, MIND_REACH)], dim=1)
+
+    def add_organs(self, fixed_organ: torch.Tensor, moving_organ: torch.Tensor) -> None:
+        """Judge by the overlap of these organ probability maps (1, 1, Z, Y, X) on the grid instead."""
+        self.organs = (fixed_organ, moving_organ)
 
     @torch.no_grad()
     def score(self, stage: str, displacement: torch.Tensor, folding_percent: float) -> StageScore:
@@ -73,33 +85,44 @@ class StageJudge:
         weight = self.fixed_mask * (mask > 0.5)
         mind = float(mind_loss(self.fixed_descriptors, descriptors, weight))
         mi = float(mutual_information_loss(self.fixed, image, weight=weight))
-        return StageScore(stage, mind, mi, folding_percent)
+        organ_dice = None
+        if self.organs is not None:
+            warped_organ = spatial.warp(self.organs[1], displacement, self.grid)
+            organ_dice = float(soft_dice(self.organs[0], warped_organ)[0])
+        return StageScore(stage, mind, mi, folding_percent, organ_dice)
 
 
-def worse(candidate: StageScore, best: StageScore) -> bool:
-    """Whether ``candidate`` is a worse alignment than ``best``: folding beyond MAX_FOLDING_PERCENT,
-    MIND higher by more than MIND_TOLERANCE or MI worse by more than MI_TOLERANCE (relative)."""
-    return (candidate.folding_percent > MAX_FOLDING_PERCENT
-            or candidate.mind > best.mind * (1.0 + MIND_TOLERANCE)
-            or candidate.mi > best.mi + MI_TOLERANCE * abs(best.mi))
+def verdict(candidate: StageScore, best: StageScore) -> str:
+    """Why ``candidate`` cannot replace ``best``, or "" when it can: it must not fold beyond
+    MAX_FOLDING_PERCENT; with organ maps on both, not lose more than ORGAN_TOLERANCE of their soft
+    Dice; else MIND must fall by MIN_MIND_GAIN (relative) and MI not worsen by MI_TOLERANCE."""
+    if candidate.folding_percent > MAX_FOLDING_PERCENT:
+        return f"its field folds on {candidate.folding_percent:.2f} % of the voxels"
+    if candidate.organ_dice is not None and best.organ_dice is not None:
+        if candidate.organ_dice < best.organ_dice - ORGAN_TOLERANCE:
+            return f"the organ outlines overlap less (soft Dice {best.organ_dice:.3f} -> {candidate.organ_dice:.3f})"
+        return ""
+    change = (f"MIND {best.mind:.4f} -> {candidate.mind:.4f}, mutual information {-best.mi:.4f} -> "
+              f"{-candidate.mi:.4f}")
+    if candidate.mind > best.mind * (1.0 + MIND_TOLERANCE) or candidate.mi > best.mi + MI_TOLERANCE * abs(best.mi):
+        return f"it made the alignment worse ({change})"
+    if candidate.mind > best.mind * (1.0 - MIN_MIND_GAIN):
+        return f"it did not clearly improve the alignment ({change})"
+    return ""
 
 
 def choose(scores: list[StageScore]) -> tuple[StageScore, list[str]]:
     """The stage to keep and the warnings to show. The first stage (the start) is always
-    acceptable; each later one replaces the kept one unless it is :func:`worse`. Warnings (why the
-    later stages were refused) only when the kept stage is not the last one."""
+    acceptable; each later one replaces the kept one when its :func:`verdict` is empty. Warnings
+    (why the later stages were refused) only when the kept stage is not the last one."""
     best = scores[0]
     best.accepted = True
     reasons = []
     for candidate in scores[1:]:
-        if not worse(candidate, best):
+        reason = verdict(candidate, best)
+        if not reason:
             candidate.accepted, best, reasons = True, candidate, []
             continue
-        if candidate.folding_percent > MAX_FOLDING_PERCENT:
-            reason = f"its field folds on {candidate.folding_percent:.2f} % of the voxels"
-        else:
-            reason = (f"it made the alignment worse (MIND {best.mind:.4f} -> {candidate.mind:.4f}, "
-                      f"mutual information {-best.mi:.4f} -> {-candidate.mi:.4f})")
         reasons.append(f"The {candidate.stage} stage was rejected: {reason}.")
     if reasons:
         kept = "the start position (nothing was changed)" if best is scores[0] else f"the {best.stage} stage"

@@ -49,7 +49,7 @@ INITIAL_POSITIONS = ("auto", "centers", "physical")
 MIN_OVERLAP = 0.05  # the fixed foreground share that must lie in the moving one at the start
 MIN_PHYSICAL_OVERLAP = 0.5  # "auto" start: the fixed foreground share that must map into the moving image
 MIND_WEIGHT = 10.0  # MIND-SSC SSD (about 0.01-0.1 per voxel) scaled to the range of mutual information
-CENTERS_MARGIN = 0.02  # "auto" start: relative MIND gain the centre alignment needs over the physical positions
+CENTERS_MARGIN = 0.02  # "auto" start: relative MIND gain another start needs over the foreground centres
 
 
 class RegistrationCancelled(RuntimeError):
@@ -570,10 +570,11 @@ def start_position(inputs: PairInputs, judge_masks: tuple[sitk.Image | None, sit
     """The fixed -> moving translation registration starts from, and its name ("physical" or "centers").
 
     "physical": the images' physical positions; "centers": the centres of the foregrounds (the
-    masks of ``inputs``, else the whole images) coincide; "auto": of the physical positions (when at
-    least MIN_PHYSICAL_OVERLAP of the fixed foreground lies in the moving one there), the foreground
-    centres and the image centres aligned, the one that scores best (MIND-SSC inside ``judge_masks``),
-    the physical positions unless another scores better by CENTERS_MARGIN.
+    masks of ``inputs``, else the whole images) coincide; "auto": the foreground centres, unless
+    the physical positions (when at least MIN_PHYSICAL_OVERLAP of the fixed foreground lies in the
+    moving one there) or, with masks, the image centres score better by both MIND-SSC (by
+    CENTERS_MARGIN) and mutual information inside ``judge_masks``: two similarities must agree
+    before the start moves away from the centres.
     """
     fixed, moving = inputs.fixed, inputs.moving
     centers = sitk.TranslationTransform(3, (foreground_center(moving, inputs.moving_mask)
@@ -590,14 +591,15 @@ def start_position(inputs: PairInputs, judge_masks: tuple[sitk.Image | None, sit
     grid = judge_grid(fixed)
     zero = torch.zeros(1, 3, *grid.shape, device=device)
     scores = {name: replace(inputs, shift=shift, fixed_mask=judge_masks[0], moving_mask=judge_masks[1])
-              .judge(grid, device).score(name, zero, 0.0).mind for name, shift in candidates.items()}
-    best = min(scores, key=scores.get)
-    if "the physical positions" in scores and scores[best] >= scores["the physical positions"] * (1.0 - CENTERS_MARGIN):
-        best = "the physical positions"
-    reason = ("they match best" if overlap >= MIN_PHYSICAL_OVERLAP else
-              f"at their physical positions only {overlap:.0%} of the fixed image lies in the moving one")
-    messages.append(f"Started from {best}: {reason}.")
-    return candidates[best], "physical" if best == "the physical positions" else "centers"
+              .judge(grid, device).score(name, zero, 0.0) for name, shift in candidates.items()}
+    default = scores["the foreground centres aligned"]
+    agreeing = [name for name, score in scores.items()
+                if score.mind < default.mind * (1.0 - CENTERS_MARGIN) and score.mi < default.mi]
+    best = min(agreeing, key=lambda name: scores[name].mind) if agreeing else default.stage
+    messages.append(f"Started from {best}" + ("." if best == default.stage else
+                                              ": both similarities rate it above the foreground centres."))
+    physical = np.allclose(candidates[best].GetOffset(), 0.0, atol=1e-3)  # image centres may coincide already
+    return candidates[best], "physical" if physical else "centers"
 
 
 def register(fixed: sitk.Image, moving: sitk.Image, model: str | None = None, device: str = "auto",
@@ -721,6 +723,10 @@ def _register(fixed: sitk.Image, moving: sitk.Image, device: torch.device, model
             stages += ["affine"] + (["deformable"] if deformation.control_grids else [])
         small = judge_grid(fixed)
         judge = replace(inputs, fixed_mask=judge_masks[0], moving_mask=judge_masks[1]).judge(small, device)
+        if network is not None and "fixed_segmentation" in outputs:
+            judge_organs = organ_maps(outputs, grid, small, [])
+            if judge_organs is not None:
+                judge.add_organs(*judge_organs)
         scores = [judge.score(stage, stage_field(stage, small),
                               spatial.folding_percent(stage_field(stage, tune_grid), tune_grid)) for stage in stages]
         kept, guard_warnings = guard.choose(scores)
