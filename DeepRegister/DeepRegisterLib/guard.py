@@ -36,7 +36,10 @@ def erode(mask: torch.Tensor, voxels: int) -> torch.Tensor:
     """1 where ``mask`` (1, 1, Z, Y, X) is above 0.5 within a cube of ``voxels`` around (the grid's
     border counts as inside), else 0; the thresholded mask itself when erosion leaves nothing."""
     inside = (mask > 0.5).to(mask.dtype)
-    eroded = 1.0 - F.max_pool3d(1.0 - inside, 2 * voxels + 1, stride=1, padding=voxels)
+    outside = 1.0 - inside
+    for kernel in ((2 * voxels + 1, 1, 1), (1, 2 * voxels + 1, 1), (1, 1, 2 * voxels + 1)):  # a cube is separable
+        outside = F.max_pool3d(outside, kernel, stride=1, padding=tuple(k // 2 for k in kernel))
+    eroded = 1.0 - outside
     return eroded if eroded.any() else inside
 
 

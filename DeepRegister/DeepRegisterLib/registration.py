@@ -300,7 +300,8 @@ class Pyramid:
     ``organs``: optionally the network's organ probability maps of the fixed and the (centre-shifted)
     moving image on ``grid``, (1, 1, Z, Y, X) in [0, 1] each; ``organ_level(f)`` gives them at level ``f``.
     ``masks``: where the fixed and the shifted moving image hold data on ``grid`` (default: everywhere);
-    ``mask_level(f)`` gives them at level ``f``.
+    ``mask_level(f)`` gives them at level ``f``; ``moving_masked``: the moving one is a real mask (not
+    just the moving image's extent), which fine-tuning then interpolates with the image.
 
     ``level(f)`` smooths with sigma = f / 2 voxels (FINEST_SIGMA_MM for f = 1) and resamples
     ``f`` times coarser over the same extent (:func:`downsample`); ``saliency_level(f)`` is the
@@ -311,9 +312,9 @@ class Pyramid:
 
     def __init__(self, fixed: torch.Tensor, moving: torch.Tensor, grid: Grid, saliency_sigma_mm: float,
                  organs: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 masks: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+                 masks: tuple[torch.Tensor, torch.Tensor] | None = None, moving_masked: bool = False) -> None:
         self.fixed, self.moving, self.grid, self.saliency_sigma_mm = fixed, moving, grid, saliency_sigma_mm
-        self.organs = organs
+        self.organs, self.moving_masked = organs, moving_masked
         self.masks = masks if masks is not None else (torch.ones_like(fixed), torch.ones_like(moving))
         self._levels: dict[int, tuple[torch.Tensor, torch.Tensor, Grid]] = {}
         self._organ_levels: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -455,7 +456,8 @@ def fine_tune(pyramid: Pyramid, initial: torch.Tensor, iterations: int,
             fixed_features, moving_features = mind_ssc(level_fixed), mind_ssc(level_moving)
         else:
             fixed_features, moving_features = level_fixed, level_moving
-        moving_stack = torch.cat([moving_features, moving_mask], dim=1)  # interpolated together
+        # a real moving mask is interpolated with the image; otherwise the samples inside the grid count
+        moving_stack = torch.cat([moving_features, moving_mask], dim=1) if pyramid.moving_masked else moving_features
         level_initial = spatial.resample_field(initial, grid, level_grid) if factor > 1 else initial
         # grid_sample coordinates of the voxels mapped by the initial field, and their change per mm
         per_mm = spatial.normalized_per_mm(level_grid, device=device)
@@ -487,8 +489,11 @@ def fine_tune(pyramid: Pyramid, initial: torch.Tensor, iterations: int,
                 subgrid, subgrid_fixed, subgrid_weight, subgrid_coordinates, subgrid_organ = subgrids[offset]
                 correction = deformation.displacement_on(subgrid)
                 coordinates = subgrid_coordinates + correction.permute(0, 2, 3, 4, 1) @ per_mm
-                values, landed = spatial.sample_normalized(moving_stack, coordinates).split(
-                    [moving_features.shape[1], 1], dim=1)
+                values = spatial.sample_normalized(moving_stack, coordinates)
+                if pyramid.moving_masked:
+                    values, landed = values.split([moving_features.shape[1], 1], dim=1)
+                else:
+                    landed = (coordinates.abs() <= 1).all(dim=-1, keepdim=True).movedim(-1, 1).to(values.dtype)
                 if metric == "mi":
                     similarity = mutual_information_loss(subgrid_fixed, values, weight=subgrid_weight * landed.detach())
                 else:
@@ -696,7 +701,7 @@ def _register(fixed: sitk.Image, moving: sitk.Image, device: torch.device, model
         initial_field = spatial.resample_field(network_field, grid, tune_grid)
         if card.finetune_organ_weight > 0 and iterations > 0:
             organs = organ_maps(outputs, grid, tune_grid, messages)
-    pyramid = Pyramid(*tune_images, tune_grid, card.saliency_sigma_mm, organs, tune_masks)
+    pyramid = Pyramid(*tune_images, tune_grid, card.saliency_sigma_mm, organs, tune_masks, moving_mask is not None)
     timings["network"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -727,8 +732,10 @@ def _register(fixed: sitk.Image, moving: sitk.Image, device: torch.device, model
             judge_organs = organ_maps(outputs, grid, small, [])
             if judge_organs is not None:
                 judge.add_organs(*judge_organs)
-        scores = [judge.score(stage, stage_field(stage, small),
-                              spatial.folding_percent(stage_field(stage, tune_grid), tune_grid)) for stage in stages]
+        scores = []
+        for stage in stages:
+            field_small = stage_field(stage, small)
+            scores.append(judge.score(stage, field_small, spatial.folding_percent(field_small, small)))
         kept, guard_warnings = guard.choose(scores)
         saliency_grid = pyramid.saliency_level(1)[2]
         saliency_small = pyramid.joint_saliency(1, stage_field(kept.stage, saliency_grid))
