@@ -358,7 +358,14 @@ def test_masks_reach_every_method_command(tmp_path: Path, monkeypatch: pytest.Mo
     command = benchmark.process_command(pair, deepregister, tmp_path, 1)
     assert command[1:4] == ["-m", "DeepRegisterLib.cli", "register"]
     assert command[command.index("--fixed-mask") + 1] == fixed_mask and "--moving-mask" not in command
-    assert command[command.index("--iterations") + 1] == "3" and "--model" not in command
+    assert command[command.index("--iterations") + 1] == "3" and command[command.index("--model") + 1] == "none"
+    # a DeepRegister process that wrote its outputs with the guard's warnings (exit 3) is a result, not a failure
+    (tmp_path / "result").mkdir()
+    (tmp_path / "result" / "report.json").write_text(json.dumps({"peak_memory_mb": 50.0}))
+    monkeypatch.setattr(benchmark.subprocess, "run",
+                        lambda command, **kwargs: subprocess.CompletedProcess(command, 3, "", "WARNING: kept start"))
+    assert benchmark.run_process(pair, deepregister, tmp_path, 1, 60)["status"] == "ok"
+    assert benchmark.run_process(pair, method, tmp_path, 1, 60)["status"] == "failed"  # elastix: 3 is an error
     elastix = benchmark.process_command(pair, method, tmp_path, 1)
     assert elastix[1] == "-c" and "elastix_registration_method" in elastix[2] and elastix[-2:] == [fixed_mask, ""]
     compile(elastix[2], "elastix-process", "exec")
