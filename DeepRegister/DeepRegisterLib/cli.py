@@ -40,6 +40,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
+from .models import DEFAULT_MODEL as DEFAULT_MODEL_NAME  # models and options load no torch
+from .options import INITIAL_POSITIONS
+from .options import SIMILARITY_CHOICES as SIMILARITIES
+
 if TYPE_CHECKING:  # imported where needed: see the module docstring
     import SimpleITK as sitk
 
@@ -48,10 +52,6 @@ if TYPE_CHECKING:  # imported where needed: see the module docstring
 
 SAMPLE_DATA = Path(__file__).resolve().parents[2] / "Resources" / "SampleData"
 EXIT_OK, EXIT_BAD_INPUT, EXIT_WARNINGS, EXIT_CANCELLED = 0, 2, 3, 130
-SIMILARITIES = ("auto", "mi", "mind", "lncc")
-INITIAL_POSITIONS = ("auto", "centers", "physical")
-# models.DEFAULT_MODEL, named here so that `--help` need not import torch (a test keeps them equal).
-DEFAULT_MODEL_NAME = "generic"
 MODEL_HELP = (f"model name (see `deepregister models`), model folder, or `none` (no network: fine-tuning on "
               f"the pair alone); default: `{DEFAULT_MODEL_NAME}`, the best general model, when installed, "
               "else the first installed model, else none")

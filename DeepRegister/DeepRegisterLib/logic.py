@@ -23,14 +23,14 @@ import vtk
 
 from . import mrml
 from .imageio import InputError
+from .options import INITIAL_POSITIONS
+from .options import SIMILARITY_CHOICES as SIMILARITIES
 
 if TYPE_CHECKING:
     from .registration import ProgressCallback
 
 FIELD_MODES = ("off", "glyphs", "grid", "contours")
 SALIENCY_COLORMAP_NAME = "DeepRegister saliency (inferno)"
-SIMILARITIES = ("auto", "mi", "mind", "lncc")  # DeepRegisterLib.registration.register's similarity=
-INITIAL_POSITIONS = ("auto", "centers", "physical")  # ... and initial=
 NO_MODEL = "none"  # model name meaning "no trained network: fine-tuning on the pair alone" (as on the command line)
 # Attribute of the output transform node: the registration's start (fixed -> moving RAS, 16 numbers, row by
 # row), so "Before" TRE is measured from where the registration started (e.g. with image centres aligned).
@@ -134,7 +134,7 @@ class RegistrationLogic:
         another grid than its volume is resampled onto it (nearest neighbour, in physical space).
         ``detectFieldOfView``: for a volume without a mask, detect an ultrasound field of view and use it
         as its mask. ``similarity``: "auto", "mi", "mind" or "lncc". ``initial``: the start, "auto",
-        "centers" (image centres aligned) or "physical" (positions as they are).
+        "centers" (centres of the masks, else of the volumes, aligned) or "physical" (positions as they are).
 
         Output nodes that are given are filled in; missing ones are created (the warped volume only
         when ``createWarped``). Nothing in the scene changes before the engine has succeeded. The

@@ -25,6 +25,7 @@ from .imageio import InputError, check_volume
 from .losses import BendingEnergy, lncc_loss, mind_loss, mind_ssc, mutual_information_loss, soft_dice
 from .masks import foreground_center, resolve_masks
 from .models import ModelCard, load_model
+from .options import INITIAL_POSITIONS, SIMILARITIES
 from .saliency import FixedSaliency, gaussian_smooth
 from .spatial import Grid
 
@@ -44,8 +45,6 @@ FINAL_STEP_SCALE = 0.2  # Adam's step sizes fall linearly to this fraction over 
 COARSE_FRACTION = 0.25  # fine-tuning steps on the half-resolution level (dev ultrasound-like pairs: 0.5 -> 0.31 mm, 0.25: 0.29)
 MIN_ORGAN_ML = 1.0  # smallest organ map (mL above probability 0.5) that fine-tuning follows
 COARSE_SAMPLE_FRACTION = 0.5  # of the MI samples on that level (generic at 128^3: stride 3 instead of 2, 13 % less fine-tuning time, the same TRE on 12 dev pairs x 2 seeds)
-SIMILARITIES = ("mi", "mind", "lncc")
-INITIAL_POSITIONS = ("auto", "centers", "physical")
 MIN_OVERLAP = 0.05  # the fixed foreground share that must lie in the moving one at the start
 MIN_PHYSICAL_OVERLAP = 0.5  # "auto" start: the fixed foreground share that must map into the moving image
 MIND_WEIGHT = 10.0  # MIND-SSC SSD (about 0.01-0.1 per voxel) scaled to the range of mutual information
@@ -538,11 +537,7 @@ def organ_maps(outputs: dict[str, torch.Tensor], grid: Grid, target: Grid, messa
 
 def resolve_similarity(similarity: str, card: ModelCard) -> str:
     """"auto" -> the model card's similarity (the one its fine-tuning settings were chosen with)."""
-    if similarity == "auto":
-        return card.finetune_metric
-    if similarity not in SIMILARITIES:
-        raise InputError(f"Unknown similarity '{similarity}': use auto or one of {', '.join(SIMILARITIES)}.")
-    return similarity
+    return card.finetune_metric if similarity == "auto" else similarity
 
 
 def judge_grid(fixed: sitk.Image) -> Grid:
@@ -556,10 +551,13 @@ def physical_overlap(fixed: sitk.Image, fixed_mask: sitk.Image | None, moving: s
                      moving_mask: sitk.Image | None, shift: sitk.TranslationTransform) -> float:
     """Share of the fixed foreground (its mask, else the whole image; about 4,000 voxels) that ``shift``
     maps into the moving foreground (its mask, else the whole image)."""
-    fixed_inside = (sitk.GetArrayViewFromImage(fixed_mask) > 0 if fixed_mask is not None
-                    else np.ones(fixed.GetSize()[::-1], dtype=bool))
-    index = np.argwhere(fixed_inside)[:, ::-1]
-    index = index[::max(1, len(index) // 4096)]
+    if fixed_mask is not None:
+        index = np.argwhere(sitk.GetArrayViewFromImage(fixed_mask) > 0)[:, ::-1]
+        index = index[::max(1, len(index) // 4096)]
+    else:  # the same voxels, without listing all of them first
+        shape = fixed.GetSize()[::-1]
+        count = int(np.prod(shape))
+        index = np.stack(np.unravel_index(np.arange(0, count, max(1, count // 4096)), shape), axis=1)[:, ::-1]
     grid, moving_grid = Grid.from_image(fixed), Grid.from_image(moving)
     points = np.asarray(grid.origin) + index @ grid.index_to_physical.T + np.asarray(shift.GetOffset())
     voxels = np.round(moving_grid.physical_to_index(points)).astype(int)
