@@ -80,6 +80,27 @@ def test_masks_keep_the_fan_edge_from_attracting_the_moving_image(navigated_fan_
         assert result.folding_percent <= guard.MAX_FOLDING_PERCENT and result.min_jacobian > 0
 
 
+def test_a_moving_fan_edge_blurred_by_the_pyramid_is_not_compared(navigated_fan_pair) -> None:
+    fan_image, mr_image, fan_points, mr_points, _ = navigated_fan_pair  # the fan as the moving image
+    start = median_tre(mr_points, fan_points)
+    result = registration.register(mr_image, fan_image, iterations=100, device="cpu", similarity="mi",
+                                   initial="physical")
+    assert result.moving_mask is not None and result.kept_stage == "deformable"
+    assert median_tre(mr_points, fan_points, result.transform) < 0.45 * start  # 0.57 when the blurred edge counted
+
+
+def test_physical_overlap_counts_voxels_across_the_whole_volume() -> None:
+    image = sitk.Image([64, 64, 64], sitk.sitkFloat32)
+    half = sitk.Image(image)
+    half.SetOrigin((32.0, 0.0, 0.0))  # covers the fixed image's right half
+    mask = sitk.Image([64, 64, 64], sitk.sitkUInt8)
+    mask[:, :, 0:16] = 1  # a slab along z: a quarter of the volume
+    for moving, moving_mask, expected in ((half, None, 0.5), (image, mask, 0.25), (half, mask, 0.125)):
+        overlap = registration.physical_overlap(image, None, moving, moving_mask, sitk.TranslationTransform(3))
+        assert overlap == pytest.approx(expected, abs=0.03)
+    assert registration.physical_overlap(image, mask, half, None, sitk.TranslationTransform(3)) == pytest.approx(0.5, abs=0.03)
+
+
 def test_auto_start_trusts_physical_positions_only_where_they_overlap(navigated_fan_pair) -> None:
     fixed, moving, fixed_points, moving_points, _ = navigated_fan_pair
     result = registration.register(fixed, moving, iterations=0, device="cpu")
