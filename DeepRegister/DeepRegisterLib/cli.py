@@ -35,6 +35,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -241,13 +242,30 @@ def _write_image(image: sitk.Image, path: Path) -> None:
     sitk.WriteImage(image, str(path), useCompression=True)
 
 
+def _start_rendering() -> Future:
+    """Load matplotlib and the report's fonts in a worker thread (:func:`report.prepare_rendering`):
+    it runs while the registration holds the CPUs in PyTorch's kernels, not after it."""
+    from .report import prepare_rendering
+
+    done: Future = Future()
+
+    def run() -> None:
+        try:
+            done.set_result(prepare_rendering())
+        except Exception as error:  # re-raised where the report is drawn
+            done.set_exception(error)
+
+    threading.Thread(target=run, name="report-fonts", daemon=True).start()  # daemon: never delays an exit
+    return done
+
+
 def _write_outputs(folder: Path, result: RegistrationResult, fixed: sitk.Image, moving: sitk.Image,
-                   report: dict) -> list[str]:
+                   report: dict, warm_up: Future | None = None) -> list[str]:
     """Write transform.h5, warped.nii.gz, saliency.nii.gz, the masks used (fixed_mask.nii.gz,
     moving_mask.nii.gz) and report.png to ``folder``; return the file names in order.
 
     The volumes are written by worker threads (SimpleITK releases the GIL while it compresses and
-    writes) while this thread draws report.png."""
+    writes) while this thread draws report.png, once ``warm_up`` (see :func:`_start_rendering`) is done."""
     import SimpleITK as sitk
 
     files: list[str] = []
@@ -266,6 +284,9 @@ def _write_outputs(folder: Path, result: RegistrationResult, fixed: sitk.Image, 
                 submit(f"{role}_mask.nii.gz", _write_image, mask, folder / f"{role}_mask.nii.gz")
         try:
             from .report import write_report_png
+
+            if warm_up is not None:
+                warm_up.result()
 
             moving_before = sitk.Resample(moving, fixed, result.initial_transform, sitk.sitkLinear, 0.0,
                                           sitk.sitkFloat32)
@@ -308,6 +329,7 @@ def run_registration(fixed_path: str, moving_path: str, out: Path, model: str | 
 
     temporary, created = _prepare_out(out, overwrite)
     published = False
+    warm_up = _start_rendering()
     try:
         result = register(fixed, moving, model=model, device=device, iterations=iterations, progress=progress,
                           similarity=similarity, initial=initial, fixed_mask=fixed_mask, moving_mask=moving_mask,
@@ -335,7 +357,7 @@ def run_registration(fixed_path: str, moving_path: str, out: Path, model: str | 
                 "after": tre_summary(after),
                 "per_landmark_after": [{"label": label, "tre_mm": float(e)} for label, e in zip(pair[0].labels, after)],
             }
-        report["files"] = _write_outputs(temporary, result, fixed, moving, report) + ["report.json"]
+        report["files"] = _write_outputs(temporary, result, fixed, moving, report, warm_up) + ["report.json"]
         from .memory import peak_memory_mb
 
         report["peak_memory_mb"] = peak_memory_mb()

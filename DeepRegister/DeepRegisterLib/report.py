@@ -68,6 +68,30 @@ _VIEWS = (
 )
 
 
+def prepare_rendering() -> None:
+    """Import matplotlib and draw a small figure with text, an image and a colour bar into memory,
+    so the fonts and caches the report needs are loaded (a command line runs this in a worker
+    thread while it registers)."""
+    import io
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(2.0, 1.0), dpi=_DPI)
+    FigureCanvasAgg(figure)
+    axis = figure.add_axes((0.0, 0.3, 0.5, 0.7))
+    axis.imshow(np.zeros((4, 4)), cmap="gray")
+    axis.set_title("x", fontsize=10)
+    axis.text(0.5, 0.5, "R", fontsize=9, fontweight="bold")
+    axis.quiver([0.0], [0.0], [1.0], [1.0])
+    figure.colorbar(ScalarMappable(Normalize(0.0, 1.0), cmap="viridis"), cax=figure.add_axes((0.6, 0.1, 0.3, 0.1)),
+                    orientation="horizontal", label="mm")
+    figure.text(0.0, 0.0, "x", fontsize=12, fontweight="bold")
+    figure.savefig(io.BytesIO(), dpi=_DPI, format="png", pil_kwargs={"compress_level": 1})
+
+
 def write_report_png(
     path: str | os.PathLike[str],
     fixed: sitk.Image,
