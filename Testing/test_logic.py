@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import vtk
 
 from DeepRegisterLib import mrml
 from DeepRegisterLib.landmarks import tre
-from DeepRegisterLib.logic import LogicError, RegistrationLogic
+from DeepRegisterLib.logic import SALIENCY_COLORMAP_NAME, LogicError, RegistrationLogic
 from DeepRegisterLib.registration import RegistrationCancelled
 from DeepRegisterLib.spatial import Grid
 from DeepRegisterLib.synthetic import make_phantom_pair
@@ -195,6 +196,30 @@ def test_show_results_sets_layers_colours_and_field(registered) -> None:
     assert not display.GetVisibility2D()
     with pytest.raises(LogicError, match="Unknown field display"):
         logic.setFieldDisplay(result.transformNode, "arrows")
+
+
+def test_results_show_without_matplotlib(registered, monkeypatch: pytest.MonkeyPatch) -> None:
+    """3D Slicer does not bundle matplotlib: colours, overlays, legend and field display must not need it."""
+    scene, logic, result = registered
+    for name in [name for name in sys.modules if name == "matplotlib" or name.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # any import of matplotlib now fails
+    with pytest.raises(ImportError):
+        import matplotlib  # noqa: F401
+    scene.RemoveNode(scene.GetFirstNodeByName(SALIENCY_COLORMAP_NAME))  # built again below
+    for mode in ("glyphs", "grid", "contours"):
+        logic.showResults(result, saliencyOpacity=0.4, fieldDisplay=mode)
+        assert result.transformNode.GetDisplayNode().GetVisibility2D()
+    color = result.saliencyNode.GetDisplayNode().GetColorNode()
+    rgba = [0.0] * 4
+    color.GetColor(0, rgba)
+    assert max(rgba[:3]) < 0.05 and rgba[3] == 0.0  # inferno's black start, transparent
+    color.GetColor(255, rgba)
+    assert rgba[0] > 0.9 and rgba[2] < 0.7 and rgba[3] == 1.0
+    colors = result.transformNode.GetDisplayNode().GetColorMap()  # viridis: dark blue -> yellow
+    low, high = colors.GetRange()
+    assert high > low
+    assert colors.GetColor(low)[2] > colors.GetColor(low)[0] and colors.GetColor(high)[0] > 0.9
 
 
 # -- masks, start position and warnings (issue #20) --------------------------------------------------

@@ -22,6 +22,7 @@ import SimpleITK as sitk
 import vtk
 
 from . import mrml
+from .colors import colormap
 from .imageio import InputError
 from .options import INITIAL_POSITIONS
 from .options import SIMILARITY_CHOICES as SIMILARITIES
@@ -363,11 +364,8 @@ class RegistrationLogic:
     @staticmethod
     def _magnitudeColors(low: float, high: float) -> vtk.vtkColorTransferFunction:
         """Viridis from the smallest (dark blue) to the largest (yellow) displacement magnitude (mm)."""
-        from matplotlib import colormaps
-
         colors = vtk.vtkColorTransferFunction()
-        for value, (r, g, b, _) in zip(np.linspace(low, max(high, low + 1e-3), 16),
-                                       colormaps["viridis"](np.linspace(0, 1, 16))):
+        for value, (r, g, b) in zip(np.linspace(low, max(high, low + 1e-3), 16), colormap("viridis", 16)):
             colors.AddRGBPoint(value, r, g, b)
         return colors
 
@@ -377,13 +375,11 @@ class RegistrationLogic:
         existing = self.scene.GetFirstNodeByName(SALIENCY_COLORMAP_NAME)
         if existing is not None:
             return existing
-        from matplotlib import colormaps
-
-        colors = colormaps["inferno"](np.linspace(0, 1, 256))
+        colors = colormap("inferno", 256)
         node = self.scene.AddNewNodeByClass("vtkMRMLColorTableNode", SALIENCY_COLORMAP_NAME)
         node.SetTypeToUser()
         node.SetNumberOfColors(256)
-        for index, (r, g, b, _) in enumerate(colors):
+        for index, (r, g, b) in enumerate(colors):
             # Low saliency fades out so the overlay highlights where the alignment can be trusted.
             node.SetColor(index, f"{index / 255:.3f}", r, g, b, min(1.0, 2.0 * index / 255))
         node.SetAttribute("Category", "DeepRegister")
