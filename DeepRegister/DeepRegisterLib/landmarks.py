@@ -34,6 +34,7 @@ import json
 import math
 import os
 from dataclasses import dataclass
+from typing import Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -51,7 +52,9 @@ _HOW_TO_SAVE = (
     "file with a header row and columns label,x,y,z (LPS mm) or label,r,a,s (RAS mm)."
 )
 
-PathLike = str | os.PathLike[str]
+# typing.Union, not `str | os.PathLike[str]`: the alias is evaluated at import time and Slicer 5.8
+# runs Python 3.9 (Testing/test_packaging.py).
+PathLike = Union[str, os.PathLike[str]]
 # A reader's result: points and labels as in the file, and the file's system, "RAS" or "LPS".
 _Parsed = tuple[list[list[float]], list[str], str]
 
