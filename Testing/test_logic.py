@@ -517,3 +517,174 @@ def test_real_engine_before_tre_is_from_its_start(pair, masked) -> None:
     before = np.array([table.GetColumnByName("Before (mm)").GetValue(r) for r in range(len(pair.fixed_points))])
     np.testing.assert_allclose(before, tre(pair.fixed_points, pair.moving_points, result.initialTransform), atol=1e-4)
     assert not np.allclose(before, tre(pair.fixed_points, pair.moving_points), atol=1.0)
+
+
+# -- harden and save (issue #21) ---------------------------------------------------------------------
+def smooth_field_transform(reference: sitk.Image, amplitude_mm: float = 3.0) -> sitk.DisplacementFieldTransform:
+    """A smooth, clearly non-linear displacement field (LPS, mm) on ``reference``'s grid."""
+    size = reference.GetSize()
+    z, y, x = np.meshgrid(*(np.linspace(0.0, np.pi, n) for n in size[::-1]), indexing="ij")
+    field = np.stack([amplitude_mm * np.sin(y) * np.sin(z), amplitude_mm * np.sin(x) * np.cos(z),
+                      0.5 * amplitude_mm * np.sin(x + y)], axis=-1)
+    image = sitk.GetImageFromArray(field.astype(np.float64), isVector=True)
+    image.CopyInformation(reference)
+    return sitk.DisplacementFieldTransform(image)
+
+
+def trilinear(array: np.ndarray, ijk: np.ndarray) -> np.ndarray:
+    """Values of a (Z, Y, X) array at continuous (i, j, k) = (x, y, z) indices."""
+    from scipy.ndimage import map_coordinates
+
+    return map_coordinates(array.astype(np.float64), ijk[:, ::-1].T, order=1, mode="nearest")
+
+
+def test_harden_keeps_what_the_transform_showed_and_the_transform(pair, fake_engine) -> None:
+    fake_engine(transform=smooth_field_transform(pair.fixed))
+    scene = slicer.vtkMRMLScene()
+    fixed, moving = add_volume(scene, pair.fixed, "TRUS"), add_volume(scene, pair.moving, "MR")
+    logic = RegistrationLogic(scene)
+    result = logic.register(fixed, moving)
+    transformNode = result.transformNode
+    original = sitk.GetArrayFromImage(mrml.volume_to_sitk(moving))
+    ijk_to_ras = mrml.ijk_to_ras(moving)
+    from_parent = transformNode.GetTransformFromParent()
+
+    def shown_before(world: np.ndarray) -> np.ndarray:
+        """What the moving volume under the transform showed at world (RAS) points."""
+        local = np.array([from_parent.TransformPoint(point) for point in world])
+        return trilinear(original, (np.linalg.inv(ijk_to_ras) @ np.c_[local, np.ones(len(local))].T).T[:, :3])
+
+    assert logic.hardenTransform(result) is moving
+    assert moving.GetParentTransformNode() is None
+    assert scene.GetNodeByID(transformNode.GetID()) is transformNode  # the transform is kept
+    assert moving.GetImageData() is not None
+    # Slicer resamples onto a grid of the same spacing and axes, widened to hold the warped volume.
+    after_to_ras = mrml.ijk_to_ras(moving)
+    np.testing.assert_allclose(after_to_ras[:3, :3], ijk_to_ras[:3, :3], atol=1e-9)
+    hardened = sitk.GetArrayFromImage(mrml.volume_to_sitk(moving)).astype(np.float64)
+    # Voxels well inside the original volume's footprint: their world positions now hold what was shown there.
+    size = np.array(hardened.shape[::-1])
+    ijk = np.random.default_rng(0).integers(10, size - 10, size=(300, 3))
+    world = (after_to_ras @ np.c_[ijk, np.ones(len(ijk))].T).T[:, :3]
+    after = hardened[ijk[:, 2], ijk[:, 1], ijk[:, 0]]
+    np.testing.assert_allclose(after, shown_before(world), atol=1e-3 * np.abs(original).max())
+    local = np.array([from_parent.TransformPoint(point) for point in world])
+    assert np.abs(local - world).max() > 1.0  # the transform moved these points
+
+    with pytest.raises(LogicError, match="under no transform"):  # hardened already
+        logic.hardenTransform(result)
+    with pytest.raises(LogicError, match="nothing to harden"):
+        logic.hardenTransform(fixed)
+
+
+def test_harden_with_a_linear_transform_moves_the_voxels_world_positions(pair) -> None:
+    scene = slicer.vtkMRMLScene()
+    moving = add_volume(scene, pair.moving, "MR")
+    before = mrml.ijk_to_ras(moving)
+    values = sitk.GetArrayFromImage(mrml.volume_to_sitk(moving))
+    transformNode = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "rigid")
+    angle = np.radians(12.0)
+    matrix = np.array([[np.cos(angle), -np.sin(angle), 0, 4.0], [np.sin(angle), np.cos(angle), 0, -7.0],
+                       [0, 0, 1, 2.5], [0, 0, 0, 1]])
+    transformNode.SetMatrixTransformToParent(mrml.vtk_matrix(matrix))
+    moving.SetAndObserveTransformNodeID(transformNode.GetID())
+    probe = [3.0, -2.0, 5.0]
+    shown = [0.0, 0.0, 0.0]
+    moving.TransformPointToWorld(probe, shown)
+
+    RegistrationLogic(scene).hardenTransform(moving)
+    assert moving.GetParentTransformNode() is None and scene.GetNodeByID(transformNode.GetID()) is transformNode
+    np.testing.assert_allclose(mrml.ijk_to_ras(moving), matrix @ before, atol=1e-9)  # world = what was shown
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(mrml.volume_to_sitk(moving)), values)
+    np.testing.assert_allclose(np.asarray(mrml.ijk_to_ras(moving)) @ np.linalg.inv(before) @ [*probe, 1],
+                               [*shown, 1], atol=1e-9)
+
+
+def test_save_results_writes_files_that_read_back_with_the_same_values(pair, fake_engine, tmp_path: Path) -> None:
+    fake_engine(transform=smooth_field_transform(pair.fixed))
+    scene = slicer.vtkMRMLScene()
+    fixed, moving = add_volume(scene, pair.fixed, "TRUS"), add_volume(scene, pair.moving, "MR")
+    logic = RegistrationLogic(scene)
+    result = logic.register(fixed, moving, createWarped=True)
+    rng = np.random.default_rng(1)
+    mrml.update_volume_from_sitk(result.saliencyNode, as_image(
+        rng.random(pair.fixed.GetSize()[::-1]).astype(np.float32), pair.fixed))
+    fixed_points = add_fiducials(scene, pair.fixed_points, "F")
+    moving_points = add_fiducials(scene, pair.moving_points, "M")
+    table = logic.measureTRE(fixed_points, moving_points, result.transformNode)
+    nodes = scene.GetNumberOfNodes()
+
+    paths = logic.saveResults(result, tmp_path, table)
+    assert sorted(Path(path).name for path in paths.values()) == sorted(
+        ["transform.h5", "saliency.nii.gz", "warped.nii.gz", "tre.csv"])
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(Path(path).name for path in paths.values())
+    assert scene.GetNumberOfNodes() == nodes  # no storage node left behind
+
+    transform = sitk.ReadTransform(str(tmp_path / "transform.h5"))
+    from_parent = result.transformNode.GetTransformFromParent()
+    for point_lps in pair.fixed_points:
+        expected_ras = from_parent.TransformPoint(mrml.FLIP @ point_lps)
+        np.testing.assert_allclose(transform.TransformPoint(tuple(point_lps)), mrml.FLIP @ expected_ras, atol=1e-3)
+    for name, node in (("saliency.nii.gz", result.saliencyNode), ("warped.nii.gz", result.warpedNode)):
+        image, expected = sitk.ReadImage(str(tmp_path / name)), mrml.volume_to_sitk(node)
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(expected))
+        np.testing.assert_allclose(image.GetOrigin(), expected.GetOrigin(), atol=1e-5)
+        np.testing.assert_allclose(image.GetDirection(), expected.GetDirection(), atol=1e-6)
+        np.testing.assert_allclose(image.GetSpacing(), expected.GetSpacing(), atol=1e-6)
+    import csv
+
+    with open(tmp_path / "tre.csv", newline="", encoding="utf-8") as stream:
+        rows = list(csv.DictReader(stream))
+    statistics = logic.treStatistics(table)
+    by_pair = {row["Pair"]: row for row in rows}
+    assert len(rows) == len(pair.fixed_points) + 4
+    for stage, column in (("before", "Before (mm)"), ("after", "After (mm)")):
+        assert float(by_pair["Mean"][column]) == statistics[stage]["mean"]
+        assert float(by_pair["Max"][column]) == statistics[stage]["max"]
+
+
+def test_save_results_refuses_bad_input_and_never_overwrites_without_asking(pair, fake_engine, tmp_path: Path) -> None:
+    from DeepRegisterLib.logic import ResultFilesExist
+
+    fake_engine()
+    scene = slicer.vtkMRMLScene()
+    fixed, moving = add_volume(scene, pair.fixed, "TRUS"), add_volume(scene, pair.moving, "MR")
+    logic = RegistrationLogic(scene)
+    result = logic.register(fixed, moving)
+    with pytest.raises(LogicError, match="register first"):
+        logic.saveResults(None, tmp_path)
+    with pytest.raises(LogicError, match="not an existing folder"):
+        logic.saveResults(result, tmp_path / "missing")
+    with pytest.raises(LogicError, match="Choose a folder"):
+        logic.saveResults(result, "")
+    with pytest.raises(LogicError, match="not a TRE table"):
+        logic.saveResults(result, tmp_path, scene.AddNewNodeByClass("vtkMRMLTableNode", "empty"))
+    assert not list(tmp_path.iterdir())  # refused before writing anything
+
+    (tmp_path / "saliency.nii.gz").write_bytes(b"keep me")
+    with pytest.raises(ResultFilesExist) as refused:
+        logic.saveResults(result, tmp_path)
+    assert [Path(path).name for path in refused.value.paths] == ["saliency.nii.gz"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["saliency.nii.gz"]
+    assert (tmp_path / "saliency.nii.gz").read_bytes() == b"keep me"
+    logic.saveResults(result, tmp_path, overwrite=True)
+    assert sitk.ReadImage(str(tmp_path / "saliency.nii.gz")).GetSize() == pair.fixed.GetSize()
+
+    # A failure while writing leaves neither half-made files nor partial ones.
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    original_write = sitk.WriteImage
+
+    def failing_write(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    sitk.WriteImage = failing_write
+    try:
+        with pytest.raises(LogicError, match="nothing was written"):
+            logic.saveResults(result, fresh)
+    finally:
+        sitk.WriteImage = original_write
+    assert not list(fresh.iterdir())
+    scene.RemoveNode(result.saliencyNode)
+    with pytest.raises(LogicError, match="no longer in the scene"):
+        logic.saveResults(result, fresh)

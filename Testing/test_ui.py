@@ -30,7 +30,6 @@ ROOT = Path(__file__).resolve().parents[1]
 UI_FILE = ROOT / "Resources" / "UI" / "DeepRegister.ui"
 MODULE_FILE = ROOT / "DeepRegister" / "DeepRegister.py"
 ICON_FILE = ROOT / "Resources" / "Icons" / "DeepRegister.png"
-S4EXT_FILE = ROOT / "DeepRegister.s4ext"
 
 # Parameters deliberately not bound through SlicerParameterName: the model list is filled at run
 # time (the binding's combo box connector needs fixed choices), the TRE table is shown by the code.
@@ -339,41 +338,114 @@ def test_icon_is_a_128_pixel_png(app):
     assert not image.isNull() and (image.width(), image.height()) == (128, 128)
 
 
-def test_extension_description_is_complete():
-    entries = {}
-    for line in S4EXT_FILE.read_text(encoding="utf-8").splitlines():
-        if line.strip() and not line.startswith("#"):
-            key, _, value = line.partition(" ")
-            entries[key] = value.strip()
-    for key in ("scm", "scmurl", "depends", "category", "iconurl", "screenshoturls", "contributors",
-                "description", "homepage", "status", "enabled"):
-        assert entries.get(key), f"DeepRegister.s4ext: no {key}"
-    assert entries["scm"] == "git" and entries["depends"] == "PyTorch" and entries["category"] == "Registration"
-    assert entries["enabled"] == "1"
-    raw = "https://raw.githubusercontent.com/deepregister/SlicerDeepRegister/main/"
-    for url in [entries["iconurl"], *entries["screenshoturls"].split()]:
-        assert url.startswith(raw), url
-        assert (ROOT / url[len(raw):]).is_file(), f"{url} points to a file missing from the repository"
-
-
 # -- the panel's Python against the real widgets -------------------------------------------------------
+def _field_kind(annotation):
+    """("node" | "enum" | "bool" | "int" | "float" | "str", python type) of a parameter annotation."""
+    import enum
+    import typing
+
+    if typing.get_origin(annotation) is typing.Annotated:
+        annotation = typing.get_args(annotation)[0]
+    if typing.get_origin(annotation) is typing.Union or (isinstance(annotation, type)
+                                                           and annotation.__name__.startswith("vtkMRML")):
+        return "node", None
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return "enum", annotation
+    return annotation.__name__, annotation
+
+
 def stand_in_parameter_node_wrapper(cls):
-    """Instances get the annotated fields with their defaults (None for nodes), like the real wrapper's."""
-    defaults = {name: getattr(cls, name, None) for name in cls.__annotations__}
+    """Like Slicer's @parameterNodeWrapper (v5.8.1, v5.10.0 Base/Python/slicer/parameterNodeWrapper): the
+    annotated fields with their defaults (None for nodes). On a vtkMRMLScriptedModuleNode the fields live in
+    the node, as in Slicer: a field missing from the node (a new node, or one reset by closing the scene)
+    reads as its default, which is written back (wrapper._Parameter.read). Without a node (``cls()``),
+    plain attributes."""
+    annotations = dict(cls.__annotations__)
+    defaults = {name: getattr(cls, name, None) for name in annotations}
+
+    def field(name):
+        kind, python_type = _field_kind(annotations[name])
+
+        def write(node, value):
+            if kind == "node":
+                node.SetNodeReferenceID(name, value.GetID() if value is not None else None)
+            else:
+                node.SetParameter(name, str(value.value if kind == "enum" else value))
+
+        def get(self):
+            node = object.__getattribute__(self, "_node")
+            if node is None:
+                return self._values[name]
+            if kind == "node":
+                return node.GetNodeReference(name)
+            if name not in node.GetParameterNames():
+                write(node, defaults[name])
+            text = node.GetParameter(name)
+            if kind == "bool":
+                return text == "True"
+            return python_type(text)
+
+        def set(self, value):
+            node = object.__getattribute__(self, "_node")
+            if node is None:
+                self._values[name] = value
+            else:
+                write(node, value)
+
+        return property(get, set)
 
     def __init__(self, parameterNode=None):
-        for name, value in defaults.items():
-            setattr(self, name, value)
+        object.__setattr__(self, "_node", parameterNode)
+        object.__setattr__(self, "_values", dict(defaults))
 
+    def __getattr__(self, name):  # AddObserver, GetID, ...: the node's, as the real wrapper forwards them
+        node = object.__getattribute__(self, "_node")
+        if node is None or name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(node, name)
+
+    for name in annotations:
+        setattr(cls, name, field(name))
     cls.__init__ = __init__
-    cls.StartModify = lambda self: 0
-    cls.EndModify = lambda self, wasModified: None
+    cls.__getattr__ = __getattr__
+    cls.StartModify = lambda self: self._node.StartModify() if self._node is not None else 0
+    cls.EndModify = lambda self, wasModified: self._node.EndModify(wasModified) if self._node is not None else None
+    cls.connectGui = lambda self, ui: 1  # the binding itself is Slicer's; test_bound_widgets_* checks the names
+    cls.disconnectGui = lambda self, tag: None
     return cls
+
+
+class StandInLogic:
+    """Slicer's ScriptedLoadableModuleLogic.getParameterNode (v5.8.1 and v5.10.0): one singleton
+    vtkMRMLScriptedModuleNode per module in the application's scene, kept (but reset) when the scene closes."""
+
+    isSingletonParameterNode = True
+
+    def __init__(self, parent=None):
+        name = type(self).__name__
+        self.moduleName = name[:-len("Logic")] if name.endswith("Logic") else name
+
+    def getParameterNode(self):
+        import slicer
+
+        node = slicer.mrmlScene.GetSingletonNode(self.moduleName, "vtkMRMLScriptedModuleNode")
+        if node:
+            if node.GetAttribute("ModuleName") != self.moduleName:
+                node.SetAttribute("ModuleName", self.moduleName)
+            return node
+        node = slicer.mrmlScene.CreateNodeByClass("vtkMRMLScriptedModuleNode")
+        node.UnRegister(None)
+        node.SetName(slicer.mrmlScene.GenerateUniqueName(self.moduleName))
+        node.SetAttribute("ModuleName", self.moduleName)
+        node.SetSingletonTag(self.moduleName)
+        return slicer.mrmlScene.AddNode(node)
 
 
 @pytest.fixture
 def module(monkeypatch):
     """DeepRegister.py imported with slicer-core plus stand-ins for what only the Slicer application has."""
+    import unittest
+
     slicer = pytest.importorskip("slicer")
     qt = types.ModuleType("qt")
     qt.Qt = Qt
@@ -384,9 +456,12 @@ def module(monkeypatch):
     wrapper.parameterNodeWrapper = stand_in_parameter_node_wrapper
     wrapper.WithinRange = lambda low, high: (low, high)
     scripted = types.ModuleType("slicer.ScriptedLoadableModule")
-    for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleWidget", "ScriptedLoadableModuleLogic",
-                 "ScriptedLoadableModuleTest"):
+    for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleWidget"):
         setattr(scripted, name, type(name, (), {"__init__": lambda self, *args: None}))
+    scripted.ScriptedLoadableModuleLogic = StandInLogic
+    # A unittest.TestCase, as Slicer's is: ctest runs each test_ method through unittest.
+    scripted.ScriptedLoadableModuleTest = type("ScriptedLoadableModuleTest", (unittest.TestCase,),
+                                               {"delayDisplay": lambda self, message, *args, **kwargs: None})
     for name, stand_in in (("qt", qt), ("slicer.i18n", i18n), ("slicer.parameterNodeWrapper", wrapper),
                            ("slicer.ScriptedLoadableModule", scripted)):
         monkeypatch.setitem(sys.modules, name, stand_in)
@@ -540,3 +615,221 @@ def test_enum_choices_match_the_library_and_the_ui(module, panel):
     combo = top.findChild(QComboBox, "initialPositionComboBox")
     assert combo.itemData(2, Qt.ToolTipRole) == module.InitialPosition.PHYSICAL.description()
     assert "common frame" in combo.itemData(2, Qt.ToolTipRole)
+
+
+# -- issue #21: a real 3D Slicer ------------------------------------------------------------------
+MODELS_DIR = ROOT / "Resources" / "Models"
+SAMPLE_DATA_DIR = ROOT / "Resources" / "SampleData"
+# SampleData.SampleDataLogic.registerCustomSampleDataSource's parameters, the same in Slicer v5.8.1 and
+# v5.10.0 (Modules/Scripted/SampleData/SampleData.py).
+SAMPLE_DATA_PARAMETERS = {"category", "sampleName", "uris", "fileNames", "nodeNames", "customDownloader",
+                          "thumbnailFileName", "loadFileTypes", "loadFiles", "loadFileProperties", "checksums",
+                          "loadFileType"}
+
+
+def shipped_cards() -> dict:
+    import json
+
+    return {folder.name: json.loads((folder / "model.json").read_text(encoding="utf-8"))
+            for folder in sorted(MODELS_DIR.iterdir()) if (folder / "model.json").is_file()}
+
+
+def test_default_model_survives_a_scene_close_and_models_installed_later(module, panel, monkeypatch):
+    """The model setting "" (no choice) is resolved when registering: a parameter node made before PyTorch
+    and the models were there, kept through a scene close (singleton parameter nodes are reset, not removed),
+    registers with models.default_model once they are."""
+    import numpy as np
+    import SimpleITK as sitk
+    import slicer
+    from DeepRegisterLib import registration
+    from DeepRegisterLib.models import default_model, list_models
+    from test_logic import FakeEngine, add_volume
+
+    widget, top = panel
+    widget.parent = types.SimpleNamespace(isEntered=True)
+    scene = slicer.mrmlScene
+    installed = module.DeepRegisterLogic.availableModels
+    monkeypatch.setitem(sys.modules, "torch", None)  # no PyTorch yet ...
+    monkeypatch.setattr(module.DeepRegisterLogic, "availableModels", lambda self: [])  # ... and no model
+    widget.populateModels()
+    widget.initializeParameterNode()
+    singleton = scene.GetSingletonNode("DeepRegister", "vtkMRMLScriptedModuleNode")
+    assert singleton is not None and widget._parameterNode.model == ""
+    combo = top.findChild(QComboBox, "modelComboBox")
+    assert combo.currentText() == "Default: best general model"
+
+    widget.onSceneStartClose(scene, None)
+    scene.Clear(0)
+    widget.onSceneEndClose(scene, None)
+    assert scene.GetSingletonNode("DeepRegister", "vtkMRMLScriptedModuleNode") is singleton  # kept, reset
+    parameterNode = widget._parameterNode
+    assert parameterNode is not None and parameterNode.model == ""
+
+    # PyTorch and the models arrive (the Register button installs PyTorch); the panel is not reopened.
+    monkeypatch.delitem(sys.modules, "torch")
+    monkeypatch.setattr(module.DeepRegisterLogic, "availableModels", installed)
+    engine = FakeEngine()
+    monkeypatch.setattr(registration, "register", engine)
+    image = sitk.GetImageFromArray(np.random.default_rng(2).random((10, 12, 14)).astype(np.float32))
+    parameterNode.fixedVolume = add_volume(scene, image, "US")
+    parameterNode.movingVolume = add_volume(scene, image * 3.0, "MR")
+    widget.logic.registerFromParameterNode(parameterNode)
+    best = default_model(list_models())
+    assert best == "generic"
+    assert engine.calls[-1]["model"] == best
+    assert parameterNode.model == ""  # still "no choice": it follows the installed models
+
+
+def test_panel_lists_the_installed_models_without_torch(module, panel, monkeypatch):
+    """Opening the panel reads the model cards only: it imports no PyTorch and lists the models before
+    PyTorch is installed; the iterations box states the cards' defaults."""
+    monkeypatch.setitem(sys.modules, "torch", None)
+    widget, top = panel
+    widget.populateModels()
+    widget._parameterNode = module.DeepRegisterParameterNode()
+    widget._updateModelComboBoxFromParameterNode()
+    cards = shipped_cards()
+    combo = top.findChild(QComboBox, "modelComboBox")
+    items = [combo.itemText(i) for i in range(combo.count())]
+    assert items == ["Default: generic", *cards, "None (fine-tuning only)"]
+    spin = top.findChild(QObject, "iterationsSpinBox")
+    assert spin.specialValueText() == f"Default ({cards['generic']['finetune_iterations']})"
+    for name, card in cards.items():
+        assert f"{card['finetune_iterations']} for {name}" in spin.toolTip()
+    assert f"{module.DEFAULT_ITERATIONS_WITHOUT_MODEL} without a model" in spin.toolTip()
+    assert sys.modules["torch"] is None  # nothing tried to import it (an import would have raised)
+
+
+def test_texts_state_the_model_cards_defaults(ui_xml, source):
+    """The .ui's iterations texts and the module's say what the engine does: each card's
+    finetune_iterations, DEFAULT_ITERATIONS_WITHOUT_MODEL without a model."""
+    cards = shipped_cards()
+    assert {name: card["finetune_iterations"] for name, card in cards.items()} == {"generic": 100, "mrus": 100}
+    engine = (ROOT / "DeepRegister" / "DeepRegisterLib" / "registration.py").read_text(encoding="utf-8")
+    without = int(re.search(r"^DEFAULT_ITERATIONS_WITHOUT_MODEL = (\d+)", engine, re.M).group(1))
+    assert re.search(rf"^DEFAULT_ITERATIONS_WITHOUT_MODEL = {without}\b", source, re.M)
+    spin = ui_widgets(ui_xml)["iterationsSpinBox"][1]
+    assert ui_property(spin, "specialValueText") == f"Default ({cards['generic']['finetune_iterations']})"
+    tooltip = ui_property(spin, "toolTip")
+    assert f"{without} without a model" in tooltip
+    assert "100 for generic and for mrus" in tooltip
+
+
+def test_translated_texts_are_literals(tree):
+    """Slicer's translation tools (lupdate) read the strings inside _() and translate(): each must be a
+    literal; values are filled in with .format after translation."""
+    offending = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name):
+            continue
+        if node.func.id == "_":
+            texts = node.args
+        elif node.func.id == "translate":
+            texts = node.args[1:]
+        else:
+            continue
+        if len(texts) != 1 or not (isinstance(texts[0], ast.Constant) and isinstance(texts[0].value, str)):
+            offending.append(f"line {node.lineno}: {ast.unparse(node)}")
+    assert not offending, offending
+
+
+def test_self_tests_that_need_torch_skip_one_by_one(module, monkeypatch):
+    """ctest runs each test_ method of DeepRegisterTest on its own (slicer.testing.runUnitTest ->
+    unittest's loadTestsFromName): without PyTorch, those that need it are skipped, not errors."""
+    import io
+    import unittest
+
+    monkeypatch.setitem(sys.modules, "torch", None)
+    needs_torch = ["test_RegisterPhantomReducesTRE", "test_SegmentationMaskIsUsed", "test_CancelLeavesSceneUnchanged",
+                   "test_WidgetEnablesRegister", "test_HardenAndSaveResults"]
+    names = unittest.TestLoader().getTestCaseNames(module.DeepRegisterTest)
+    needs_torch = [name for name in needs_torch if name in names]
+    assert len(needs_torch) >= 4, names
+    for name in needs_torch:
+        suite = unittest.TestLoader().loadTestsFromName(name, module.DeepRegisterTest)
+        result = unittest.TextTestRunner(stream=io.StringIO(), verbosity=0).run(suite)
+        problems = [text for _test, text in result.errors + result.failures]
+        assert not problems, f"{name}: {problems}"
+        assert len(result.skipped) == 1 and "PyTorch" in result.skipped[0][1], name
+
+
+def test_sample_data_is_registered_with_local_files(module, monkeypatch, tmp_path):
+    """The bundled MR/TRUS pair is offered in the Sample Data module (category DeepRegister) from the
+    extension's own files, with arguments Slicer 5.8.1 and 5.10.0 accept; a file:// URI is what
+    SampleDataLogic.downloadFile fetches with urllib.request.urlretrieve."""
+    import hashlib
+    import urllib.request
+
+    calls = []
+    sample_data = types.ModuleType("SampleData")
+    sample_data.SampleDataLogic = types.SimpleNamespace(registerCustomSampleDataSource=lambda **kw: calls.append(kw))
+    monkeypatch.setitem(sys.modules, "SampleData", sample_data)
+    module.registerSampleData()
+    assert [call["sampleName"] for call in calls] == ["MR-TRUS prostate pair", "MR-TRUS gland label maps"]
+    pair, glands = calls
+    assert all(call["category"] == "DeepRegister" and set(call) <= SAMPLE_DATA_PARAMETERS for call in calls)
+    assert pair["nodeNames"] == ["Sample fixed US", "Sample moving MR", "Sample fixed landmarks",
+                                 "Sample moving landmarks"]
+    assert glands["loadFileProperties"] == {"labelmap": True} and pair["loadFileProperties"] == {}
+    for call in calls:
+        assert len(call["uris"]) == len(call["fileNames"]) == len(call["nodeNames"]) == len(call["checksums"])
+        for uri, file_name, checksum in zip(call["uris"], call["fileNames"], call["checksums"]):
+            assert uri.startswith("file://") and file_name.startswith("DeepRegister-")
+            copy = tmp_path / file_name
+            urllib.request.urlretrieve(uri, copy)
+            source = SAMPLE_DATA_DIR / file_name[len("DeepRegister-"):]
+            assert copy.read_bytes() == source.read_bytes()
+            assert checksum == "SHA256:" + hashlib.sha256(source.read_bytes()).hexdigest()
+    # The names lead the panel to the right volumes (guessInputVolumes: us/fixed and mr/moving).
+    import slicer
+
+    fixed = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", pair["nodeNames"][0])
+    moving = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", pair["nodeNames"][1])
+    assert module.DeepRegisterLogic.guessInputVolumes(module.DeepRegisterParameterNode()) == (fixed, moving)
+    source_text = MODULE_FILE.read_text(encoding="utf-8")
+    assert 'slicer.app.connect("startupCompleted()", registerSampleData)' in source_text
+
+
+def test_harden_and_save_buttons_follow_the_result(module, panel, monkeypatch, tmp_path):
+    """Harden and Save are enabled only once a registration produced a result; Harden leaves the transform,
+    Save asks before replacing files."""
+    import numpy as np
+    import SimpleITK as sitk
+    import slicer
+    from DeepRegisterLib import registration
+    from test_logic import FakeEngine, add_volume
+
+    widget, top = panel
+    harden, save = top.findChild(QObject, "hardenButton"), top.findChild(QObject, "saveResultsButton")
+    assert (harden.text(), save.text()) == ("Harden transform", "Save results...")
+    assert not harden.isEnabled() and not save.isEnabled()  # the .ui's state before any result
+    monkeypatch.setattr(registration, "register", FakeEngine())
+    image = sitk.GetImageFromArray(np.random.default_rng(3).random((10, 12, 14)).astype(np.float32))
+    parameterNode = module.DeepRegisterParameterNode()
+    parameterNode.fixedVolume = add_volume(slicer.mrmlScene, image, "US")
+    parameterNode.movingVolume = add_volume(slicer.mrmlScene, image * 2.0, "MR")
+    widget._parameterNode = parameterNode
+    widget._updateButtonStates()
+    assert not harden.isEnabled() and not save.isEnabled()
+
+    widget._lastResult = widget.logic.registerFromParameterNode(parameterNode)
+    widget._updateButtonStates()
+    assert harden.isEnabled() and save.isEnabled()
+    asked = []
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda text, title=None, **kw: asked.append(text) or False)
+    monkeypatch.setattr(slicer.util, "errorDisplay", lambda text, **kw: asked.append(text))
+    widget.saveResults(str(tmp_path))
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["saliency.nii.gz", "transform.h5"]
+    assert not asked and "Saved transform.h5" in top.findChild(QLabel, "statusLabel").text()
+    widget.saveResults(str(tmp_path))  # the files exist: asked, refused, kept
+    assert len(asked) == 1 and "Replace them?" in asked[0]
+    assert "were kept" in top.findChild(QLabel, "statusLabel").text()
+
+    widget.onHardenButton()
+    assert parameterNode.movingVolume.GetParentTransformNode() is None
+    assert slicer.mrmlScene.GetNodeByID(parameterNode.outputTransform.GetID()) is not None
+    assert not harden.isEnabled() and save.isEnabled()  # hardened once; the results can still be saved
+    assert "transform hardened" in top.findChild(QLabel, "statusLabel").text()
+    slicer.mrmlScene.RemoveNode(parameterNode.outputTransform)
+    widget._updateButtonStates()
+    assert not harden.isEnabled() and not save.isEnabled()

@@ -7,13 +7,18 @@ result.transformNode      # TransformFromParent maps fixed RAS -> moving RAS
 result.warnings           # non-empty: not a plain success (e.g. the guard kept an earlier stage)
 table = logic.measureTRE(fixedLandmarksNode, movingLandmarksNode, result.transformNode)
 logic.showResults(result)
+logic.hardenTransform(result)            # the moving volume resampled as shown; the transform is kept
+logic.saveResults(result, folder, table) # transform.h5, saliency.nii.gz, warped.nii.gz, tre.csv
 ```
 
-Bad input raises :class:`LogicError` and leaves the scene as it was.
+Bad input raises :class:`LogicError` and leaves the scene (and the disk) as it was.
 """
 
 from __future__ import annotations
 
+import csv
+import math
+import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -36,10 +41,23 @@ NO_MODEL = "none"  # model name meaning "no trained network: fine-tuning on the 
 # Attribute of the output transform node: the registration's start (fixed -> moving RAS, 16 numbers, row by
 # row), so "Before" TRE is measured from where the registration started (e.g. with image centres aligned).
 INITIAL_TRANSFORM_ATTRIBUTE = "DeepRegister.InitialTransform"
+# What saveResults writes into the chosen folder (the warped volume and the TRE table only when there are some).
+RESULT_FILES = {"transform": "transform.h5", "saliency": "saliency.nii.gz", "warped": "warped.nii.gz",
+                "tre": "tre.csv"}
 
 
 class LogicError(ValueError):
     """Input the logic cannot work with; the message is meant for the person at the console."""
+
+
+class ResultFilesExist(LogicError):
+    """saveResults would overwrite files: ``paths`` lists them. Ask, then call again with ``overwrite=True``."""
+
+    def __init__(self, paths: list[str]) -> None:
+        self.paths = list(paths)
+        names = ", ".join(os.path.basename(path) for path in self.paths)
+        super().__init__(f"The folder already holds {names}; nothing was written. Choose another folder or "
+                         "allow overwriting.")
 
 
 @dataclass
@@ -205,6 +223,128 @@ class RegistrationLogic:
             warnings=list(result.warnings), keptStage=result.kept_stage, stages=[dict(s) for s in result.stages],
             minJacobian=result.min_jacobian, similarity=result.similarity, initial=result.initial,
             initialTransform=result.initial_transform, fixedMask=result.fixed_mask, movingMask=result.moving_mask)
+
+    # -- results -------------------------------------------------------------------------------
+    def hardenTransform(self, resultOrNode):
+        """Applies the registration to the moving volume for good: its voxels are resampled where the
+        transform showed them (``vtkSlicerTransformLogic.hardenTransform``, on the volume's own grid)
+        and it leaves the transform, which stays in the scene (for the TRE, saving, the field display).
+
+        ``resultOrNode``: a result of :meth:`register` or a transformable node (its parent transform is
+        hardened). Returns the hardened node; raises :class:`LogicError` when there is nothing to harden.
+        """
+        from slicer import vtkSlicerTransformLogic
+
+        if resultOrNode is None:
+            raise LogicError("No registration result: register first.")
+        if isinstance(resultOrNode, MRMLRegistrationResult):
+            node, transformNode = resultOrNode.movingVolumeNode, resultOrNode.transformNode
+            if node is None or node.GetScene() is None:
+                raise LogicError("The moving volume of this registration is no longer in the scene.")
+            if node.GetParentTransformNode() is None:
+                raise LogicError(f"The moving volume '{node.GetName()}' is under no transform: it was hardened "
+                                 "already or the transform was removed.")
+            if node.GetParentTransformNode() is not transformNode:
+                raise LogicError(f"The moving volume '{node.GetName()}' is under the transform "
+                                 f"'{node.GetParentTransformNode().GetName()}', not under this registration's.")
+        else:
+            node = resultOrNode
+            if not node.IsA("vtkMRMLTransformableNode") or node.GetParentTransformNode() is None:
+                raise LogicError(f"'{node.GetName()}' is under no transform: there is nothing to harden.")
+        if not vtkSlicerTransformLogic().hardenTransform(node):
+            raise LogicError(f"Hardening the transform of '{node.GetName()}' failed.")
+        return node
+
+    def saveResults(self, result: MRMLRegistrationResult, folder, treTableNode=None,
+                    overwrite: bool = False) -> dict[str, str]:
+        """Writes the registration's results into ``folder`` (which must exist): ``transform.h5`` (the
+        fixed -> moving displacement field, ITK HDF5, readable by SimpleITK and Slicer),
+        ``saliency.nii.gz``, ``warped.nii.gz`` (when the result has a warped volume) and ``tre.csv``
+        (when ``treTableNode`` is given). Returns {kind: path}.
+
+        Existing files are never replaced unless ``overwrite``: :class:`ResultFilesExist` lists them.
+        Bad input raises :class:`LogicError` before anything is written; files are written under
+        temporary names and renamed once all are complete, so a failure leaves no half-made file.
+        """
+        if result is None or not isinstance(result, MRMLRegistrationResult):
+            raise LogicError("No registration result to save: register first.")
+        folder = os.fspath(folder) if folder is not None else ""
+        if not folder:
+            raise LogicError("Choose a folder to save the results in.")
+        if not os.path.isdir(folder):
+            raise LogicError(f"'{folder}' is not an existing folder; choose an existing folder.")
+        if not os.access(folder, os.W_OK):
+            raise LogicError(f"The folder '{folder}' is not writable; choose another folder.")
+        transformNode, saliencyNode, warpedNode = result.transformNode, result.saliencyNode, result.warpedNode
+        for node, role in ((transformNode, "transform"), (saliencyNode, "joint saliency volume")):
+            if node is None or node.GetScene() is None:
+                raise LogicError(f"The {role} of this registration is no longer in the scene; register again.")
+        if transformNode.GetTransformFromParent() is None:
+            raise LogicError(f"The transform '{transformNode.GetName()}' holds no transform; register again.")
+        volumes = [("saliency", saliencyNode)]
+        if warpedNode is not None:
+            if warpedNode.GetScene() is None:
+                raise LogicError("The warped volume of this registration is no longer in the scene; register again.")
+            volumes.append(("warped", warpedNode))
+        for kind, node in volumes:
+            if node.GetImageData() is None:
+                raise LogicError(f"The volume '{node.GetName()}' holds no image data; register again.")
+        rows = None
+        if treTableNode is not None:
+            rows = self._tableRows(treTableNode)
+        kinds = ["transform"] + [kind for kind, _node in volumes] + (["tre"] if rows is not None else [])
+        targets = {kind: os.path.join(folder, RESULT_FILES[kind]) for kind in kinds}
+        existing = [path for path in targets.values() if os.path.lexists(path)]
+        if existing and not overwrite:
+            raise ResultFilesExist(existing)
+
+        partial = {}
+        try:
+            for kind, path in targets.items():
+                stem, extension = RESULT_FILES[kind].split(".", 1)
+                partial[kind] = os.path.join(folder, f".{stem}.deepregister-partial-{os.getpid()}.{extension}")
+            storage = self._transformStorageNode()
+            storage.SetFileName(partial["transform"])
+            if not storage.WriteData(transformNode) or not os.path.isfile(partial["transform"]):
+                raise OSError(f"writing the transform '{transformNode.GetName()}' failed")
+            for kind, node in volumes:
+                sitk.WriteImage(mrml.volume_to_sitk(node), partial[kind], True)
+            if rows is not None:
+                with open(partial["tre"], "w", newline="", encoding="utf-8") as stream:
+                    csv.writer(stream).writerows(rows)
+            for kind, path in targets.items():
+                os.replace(partial[kind], path)
+        except Exception as error:
+            for path in partial.values():
+                if os.path.lexists(path):
+                    os.remove(path)
+            raise LogicError(f"Saving the results in '{folder}' failed ({error}); nothing was written.") from None
+        return targets
+
+    @staticmethod
+    def _transformStorageNode():
+        from slicer import vtkMRMLTransformStorageNode
+
+        return vtkMRMLTransformStorageNode()
+
+    @staticmethod
+    def _tableRows(tableNode) -> list[list[str]]:
+        """A table node as CSV rows (a header of column names, then values; NaN as an empty cell)."""
+        table = tableNode.GetTable() if tableNode.IsA("vtkMRMLTableNode") else None
+        if table is None or table.GetNumberOfColumns() == 0:
+            raise LogicError(f"'{tableNode.GetName()}' is not a TRE table; measure the TRE first.")
+        columns = [table.GetColumn(index) for index in range(table.GetNumberOfColumns())]
+        rows = [[column.GetName() for column in columns]]
+        for row in range(table.GetNumberOfRows()):
+            cells = []
+            for column in columns:
+                if column.IsA("vtkDataArray"):
+                    value = float(column.GetTuple1(row))
+                    cells.append("" if math.isnan(value) else repr(value))
+                else:
+                    cells.append(str(column.GetValue(row)))
+            rows.append(cells)
+        return rows
 
     @staticmethod
     def initialTransformMatrix(transformNode) -> np.ndarray | None:

@@ -29,9 +29,10 @@ ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = ROOT / "Resources" / "SampleData"
 OUT = ROOT / "Resources" / "Screenshots"
 UI_FILE = ROOT / "Resources" / "UI" / "DeepRegister.ui"
-# What the node selectors show in the panel screenshot: the sample data loaded, outputs not yet created.
-PANEL_NODES = {"fixedVolumeSelector": "fixed_us", "movingVolumeSelector": "moving_mr",
-               "fixedLandmarksSelector": "fixed_landmarks", "movingLandmarksSelector": "moving_landmarks"}
+# What the node selectors show in the panel screenshot: the sample data loaded from the Sample Data module
+# (DeepRegister.py SAMPLE_DATA_SETS names the nodes), outputs not yet created.
+PANEL_NODES = {"fixedVolumeSelector": "Sample fixed US", "movingVolumeSelector": "Sample moving MR",
+               "fixedLandmarksSelector": "Sample fixed landmarks", "movingLandmarksSelector": "Sample moving landmarks"}
 TRE_COLUMNS = ["Pair", "Label", "Before (mm)", "After (mm)", "Worst"]
 
 
