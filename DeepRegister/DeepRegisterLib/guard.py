@@ -14,6 +14,7 @@ trained to find.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -74,7 +75,18 @@ class StageJudge:
         self.grid, self.fixed, self.organs = grid, fixed, None
         self.fixed_mask = erode(fixed_mask, MIND_REACH)
         self.fixed_descriptors = mind_ssc(fixed, MIND_DILATION)
-        self.moving_stack = torch.cat([mind_ssc(moving, MIND_DILATION), moving, erode(moving_mask, MIND_REACH)], dim=1)
+        self.moving_stack = self._moving_stack(moving, moving_mask)
+
+    @staticmethod
+    def _moving_stack(moving: torch.Tensor, moving_mask: torch.Tensor) -> torch.Tensor:
+        return torch.cat([mind_ssc(moving, MIND_DILATION), moving, erode(moving_mask, MIND_REACH)], dim=1)
+
+    def with_moving(self, moving: torch.Tensor, moving_mask: torch.Tensor) -> "StageJudge":
+        """A judge of the same fixed image (its descriptors and mask reused) against another moving
+        image and mask on the same grid (e.g. the moving image under another start position)."""
+        judge = copy.copy(self)
+        judge.organs, judge.moving_stack = None, self._moving_stack(moving, moving_mask)
+        return judge
 
     def add_organs(self, fixed_organ: torch.Tensor, moving_organ: torch.Tensor) -> None:
         """Judge by the overlap of these organ probability maps (1, 1, Z, Y, X) on the grid instead."""
@@ -83,7 +95,10 @@ class StageJudge:
     @torch.no_grad()
     def score(self, stage: str, displacement: torch.Tensor, folding_percent: float) -> StageScore:
         """Scores of the moving image warped by ``displacement`` (1, 3, Z, Y, X) in mm on the grid."""
-        warped = spatial.warp(self.moving_stack, displacement, self.grid, padding_mode="border")
+        if displacement.any():
+            warped = spatial.warp(self.moving_stack, displacement, self.grid, padding_mode="border")
+        else:  # the identity: the moving image as it stands (a start position)
+            warped = self.moving_stack
         descriptors, image, mask = warped[:, :-2], warped[:, -2:-1], warped[:, -1:]
         weight = self.fixed_mask * (mask > 0.5)
         mind = float(mind_loss(self.fixed_descriptors, descriptors, weight))

@@ -582,8 +582,10 @@ def physical_overlap(fixed: sitk.Image, fixed_mask: sitk.Image | None, moving: s
 
 
 def start_position(inputs: PairInputs, judge_masks: tuple[sitk.Image | None, sitk.Image | None], initial: str,
-                   device: torch.device, messages: list[str]) -> tuple[sitk.TranslationTransform, str]:
-    """The fixed -> moving translation registration starts from, and its name ("physical" or "centers").
+                   device: torch.device, messages: list[str]
+                   ) -> tuple[sitk.TranslationTransform, str, guard.StageJudge | None]:
+    """The fixed -> moving translation registration starts from, its name ("physical" or "centers"),
+    and (for "auto") the judge that scored it, on :func:`judge_grid` inside ``judge_masks``.
 
     "physical": the images' physical positions; "centers": the centres of the foregrounds (the
     masks of ``inputs``, else the whole images) coincide; "auto": the foreground centres, unless
@@ -596,7 +598,7 @@ def start_position(inputs: PairInputs, judge_masks: tuple[sitk.Image | None, sit
     centers = sitk.TranslationTransform(3, (foreground_center(moving, inputs.moving_mask)
                                             - foreground_center(fixed, inputs.fixed_mask)).tolist())
     if initial != "auto":
-        return (sitk.TranslationTransform(3), "physical") if initial == "physical" else (centers, "centers")
+        return (sitk.TranslationTransform(3), "physical", None) if initial == "physical" else (centers, "centers", None)
     candidates = {"the foreground centres aligned": centers}
     if inputs.fixed_mask is not None or inputs.moving_mask is not None:
         candidates["the image centres aligned"] = sitk.TranslationTransform(
@@ -606,8 +608,13 @@ def start_position(inputs: PairInputs, judge_masks: tuple[sitk.Image | None, sit
         candidates["the physical positions"] = sitk.TranslationTransform(3)
     grid = judge_grid(fixed)
     zero = torch.zeros(1, 3, *grid.shape, device=device)
-    scores = {name: replace(inputs, shift=shift, fixed_mask=judge_masks[0], moving_mask=judge_masks[1])
-              .judge(grid, device).score(name, zero, 0.0) for name, shift in candidates.items()}
+    judged = replace(inputs, fixed_mask=judge_masks[0], moving_mask=judge_masks[1])
+    judges: dict[str, guard.StageJudge] = {}
+    for name, shift in candidates.items():
+        shifted = replace(judged, shift=shift)
+        judges[name] = (shifted.judge(grid, device) if not judges else next(iter(judges.values())).with_moving(
+            shifted.on(grid, device)[1], shifted.masks_on(grid, device)[1]))
+    scores = {name: judge.score(name, zero, 0.0) for name, judge in judges.items()}
     default = scores["the foreground centres aligned"]
     agreeing = [name for name, score in scores.items()
                 if score.mind < default.mind * (1.0 - CENTERS_MARGIN) and score.mi < default.mi]
@@ -615,7 +622,7 @@ def start_position(inputs: PairInputs, judge_masks: tuple[sitk.Image | None, sit
     messages.append(f"Started from {best}" + ("." if best == default.stage else
                                               ": both similarities rate it above the foreground centres."))
     physical = np.allclose(candidates[best].GetOffset(), 0.0, atol=1e-3)  # image centres may coincide already
-    return candidates[best], "physical" if physical else "centers"
+    return candidates[best], "physical" if physical else "centers", judges[best]
 
 
 def register(fixed: sitk.Image, moving: sitk.Image, model: str | None = None, device: str = "auto",
@@ -685,7 +692,7 @@ def _register(fixed: sitk.Image, moving: sitk.Image, device: torch.device, model
     metric = resolve_similarity(similarity, card)
     fixed_mask, moving_mask = masks
     inputs = PairInputs.prepare(fixed, moving, card, sitk.TranslationTransform(3), fixed_mask, moving_mask)
-    shift, initial = start_position(inputs, judge_masks, initial, device, messages)
+    shift, initial, start_judge = start_position(inputs, judge_masks, initial, device, messages)
     inputs = replace(inputs, shift=shift)
     grid = model_grid(fixed, card)
     tune_grid = finetune_grid(fixed)
@@ -738,7 +745,7 @@ def _register(fixed: sitk.Image, moving: sitk.Image, device: torch.device, model
         if deformation is not None:
             stages += ["affine"] + (["deformable"] if deformation.control_grids else [])
         small = judge_grid(fixed)
-        judge = replace(inputs, fixed_mask=judge_masks[0], moving_mask=judge_masks[1]).judge(small, device)
+        judge = start_judge or replace(inputs, fixed_mask=judge_masks[0], moving_mask=judge_masks[1]).judge(small, device)
         if network is not None and "fixed_segmentation" in outputs:
             judge_organs = organ_maps(outputs, grid, small, [])
             if judge_organs is not None:
