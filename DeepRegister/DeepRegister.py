@@ -975,7 +975,7 @@ class DeepRegisterLogic(ScriptedLoadableModuleLogic):
     def isCancellation(error: Exception) -> bool:
         if not DeepRegisterLogic.torchAvailable():
             return False
-        from DeepRegisterLib.registration import RegistrationCancelled
+        from DeepRegisterLib.progress import RegistrationCancelled
 
         return isinstance(error, RegistrationCancelled)
 

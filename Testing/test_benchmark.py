@@ -115,7 +115,7 @@ def test_bad_pairs_file_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureF
 
 def test_relative_pairs_csv_gives_absolute_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Workers run in their own temporary folder, so pair files must not stay relative to the caller's."""
-    from DeepRegisterLib.benchmark import read_pairs
+    from DeepRegisterLib.tools.benchmark import read_pairs
 
     (tmp_path / "pairs" / "a").mkdir(parents=True)
     for name in ("fixed.nii.gz", "moving.nii.gz"):
@@ -256,7 +256,7 @@ def test_generalisation_masks_anisotropy_and_overlap(generated_pairs: dict) -> N
 
 
 def test_pairs_csv_round_trips_families_splits_and_masks(generated_pairs: dict, tmp_path: Path) -> None:
-    from DeepRegisterLib.benchmark import read_pairs, select_pairs
+    from DeepRegisterLib.tools.benchmark import read_pairs, select_pairs
 
     script = generated_pairs["script"]
     path = script.generate(generated_pairs["volumes"], tmp_path / "pairs", ["us-fan", "bias"], dev=2, test=1,
@@ -315,7 +315,7 @@ def test_elastix_registers_inside_the_masks_it_is_given(tmp_path: Path, capsys: 
     ball); a fixed mask on the ball, or a moving mask without the ring, brings the ball within 3 mm."""
     import json
 
-    from DeepRegisterLib.benchmark import read_transform, worker
+    from DeepRegisterLib.tools.benchmark import read_transform, worker
 
     (fixed, moving, fixed_mask, moving_mask), points = _ball_and_ring(tmp_path)
     options = json.dumps({"affine_iterations": 64, "bspline_iterations": 0})
@@ -336,7 +336,7 @@ def test_masks_reach_every_method_command(tmp_path: Path, monkeypatch: pytest.Mo
     import json
     import subprocess
 
-    from DeepRegisterLib import benchmark
+    from DeepRegisterLib.tools import benchmark
 
     (fixed, moving, fixed_mask, _), _ = _ball_and_ring(tmp_path)
     pair = benchmark.BenchmarkPair("p", "k", "mono", Path(fixed), Path(moving), None, None, None, None,
@@ -379,7 +379,7 @@ def test_busy_cores_starts_and_stops_its_processes() -> None:
     import os
     import time
 
-    from DeepRegisterLib.benchmark import BusyCores
+    from DeepRegisterLib.tools.benchmark import BusyCores
 
     with BusyCores(2, seconds=60) as busy:
         pids = busy.pids()
@@ -396,7 +396,7 @@ def test_busy_cores_starts_and_stops_its_processes() -> None:
 
 
 def test_report_has_per_family_split_tables() -> None:
-    from DeepRegisterLib.benchmark_report import split_tables
+    from DeepRegisterLib.tools.benchmark_report import split_tables
 
     rows = []
     for split in ("dev", "test"):

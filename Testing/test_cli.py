@@ -922,7 +922,8 @@ try:
     cli.main(sys.argv[1:])
 except SystemExit:
     pass
-heavy = ("torch", "matplotlib", "SimpleITK", "numpy", "DeepRegisterLib.benchmark", "DeepRegisterLib.sliceviews",
+heavy = ("torch", "matplotlib", "SimpleITK", "numpy", "DeepRegisterLib.tools.benchmark",
+         "DeepRegisterLib.tools.sliceviews",
          "DeepRegisterLib.registration", "DeepRegisterLib.report")
 print("HEAVY", ",".join(name for name in heavy if name in sys.modules))
 """

@@ -14,7 +14,7 @@ import vtk
 from DeepRegisterLib import mrml
 from DeepRegisterLib.landmarks import tre
 from DeepRegisterLib.logic import SALIENCY_COLORMAP_NAME, LogicError, RegistrationLogic
-from DeepRegisterLib.registration import RegistrationCancelled
+from DeepRegisterLib.progress import RegistrationCancelled
 from DeepRegisterLib.spatial import Grid
 from DeepRegisterLib.synthetic import make_phantom_pair
 

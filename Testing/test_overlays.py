@@ -15,7 +15,7 @@ from DeepRegisterLib import mrml
 from DeepRegisterLib.imageio import read_image
 from DeepRegisterLib.landmarks import read_landmarks
 from DeepRegisterLib.logic import RegistrationLogic
-from DeepRegisterLib.sliceviews import SliceViews
+from DeepRegisterLib.tools.sliceviews import SliceViews
 from test_logic import add_fiducials, add_volume
 
 SAMPLE = Path(__file__).resolve().parents[1] / "Resources" / "SampleData"

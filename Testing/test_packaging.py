@@ -50,7 +50,9 @@ PYTHON39 = Path("/root/.pyenv/versions/3.9.18/bin/python3.9")
 # Interpreters (3.9) that may also have numpy and SimpleITK, for the import test; DEEPREGISTER_PYTHON39 first.
 PYTHON39_WITH_NUMPY = [os.environ.get("DEEPREGISTER_PYTHON39", ""), "/tmp/py39venv/bin/python", str(PYTHON39)]
 # The torch-free modules of DeepRegisterLib (the Slicer panel and logic import them before PyTorch is installed).
-TORCH_FREE_MODULES = ["options", "models", "landmarks", "imageio", "colors", "memory", "report", "cli", "benchmark"]
+TORCH_FREE_MODULES = [
+    "options", "models", "landmarks", "imageio", "colors", "memory", "report", "cli", "tools.benchmark",
+]
 # ... and those that also need VTK (Slicer's); imported when the 3.9 interpreter has the vtk wheel.
 VTK_MODULES = ["mrml", "logic"]
 

@@ -8,13 +8,14 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from DeepRegisterLib import registration, spatial
+from DeepRegisterLib import finetune, preprocess, registration, spatial
 from DeepRegisterLib.landmarks import tre
 from DeepRegisterLib.losses import BendingEnergy, bending_energy, lncc_loss, mutual_information_loss
 from DeepRegisterLib.metrics import dice_per_label
 from DeepRegisterLib.models import ModelCard, save_model
 from DeepRegisterLib.nets import GlobalNet
-from DeepRegisterLib.saliency import gaussian_smooth, joint_saliency, single_saliency, structure_tensor, tensor_distance
+from DeepRegisterLib.filters import gaussian_smooth
+from DeepRegisterLib.saliency import joint_saliency, single_saliency, structure_tensor, tensor_distance
 from DeepRegisterLib.spatial import Grid
 from DeepRegisterLib.synthetic import make_phantom_pair
 
@@ -85,7 +86,7 @@ def test_finetuning_is_not_limited_to_a_coarse_model_grid(tmp_path) -> None:
     folder = save_model(tmp_path / "coarse", card, network)
     with_model = registration.register(pair.fixed, pair.moving, model=str(folder), device="cpu")
     alone = registration.register(pair.fixed, pair.moving, iterations=60, device="cpu")
-    grid = registration.model_grid(pair.fixed, card)
+    grid = preprocess.model_grid(pair.fixed, card)
     outside = np.any(np.abs(grid.physical_to_index(pair.fixed_points) - 3.5) > 3.5, axis=1)
     assert outside.sum() >= 3
     before = tre(pair.fixed_points, pair.moving_points, centre_shift(pair.fixed, pair.moving))
@@ -103,7 +104,7 @@ def test_spacing_rounding_does_not_change_the_result() -> None:
     spacing = list(pair.fixed.GetSpacing())
     spacing[1] = float(np.nextafter(np.nextafter(spacing[1], np.inf), np.inf))
     nudged.SetSpacing(spacing)
-    assert registration.finetune_grid(nudged).size == registration.finetune_grid(pair.fixed).size
+    assert preprocess.finetune_grid(nudged).size == preprocess.finetune_grid(pair.fixed).size
     results = [registration.register(image, pair.moving, iterations=8, device="cpu") for image in (pair.fixed, nudged)]
     fields = [sitk.GetArrayFromImage(result.displacement_field()) for result in results]
     np.testing.assert_allclose(fields[1], fields[0], atol=1e-4)
@@ -149,13 +150,13 @@ def test_pyramid_levels_are_computed_once_and_saliency_grid_is_capped() -> None:
     grid = Grid.centered(np.zeros(3), (128, 100, 90), (1.0, 1.0, 1.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
     rng = np.random.default_rng(0)
     fixed, moving = (torch.from_numpy(rng.random((1, 1, *grid.shape), dtype=np.float32)) for _ in range(2))
-    pyramid = registration.Pyramid(fixed, moving, grid, 1.5)
+    pyramid = finetune.Pyramid(fixed, moving, grid, 1.5)
     finest_fixed, _, finest_grid = pyramid.level(1)
     assert finest_grid == grid and pyramid.level(1)[0] is finest_fixed
     # the finest level is smoothed by FINEST_SIGMA_MM: white noise loses variance, keeps its mean
     assert finest_fixed.std() < 0.8 * fixed.std() and abs(float(finest_fixed.mean() - fixed.mean())) < 1e-3
     small_fixed, _, small_grid = pyramid.saliency_level(1)
-    assert max(small_grid.size) <= registration.SALIENCY_GRID_VOXELS and small_grid.size == (64, 50, 45)
+    assert max(small_grid.size) <= preprocess.SALIENCY_GRID_VOXELS and small_grid.size == (64, 50, 45)
     assert small_fixed is pyramid.level(2)[0]  # the coarse fine-tuning level serves the saliency map
     assert pyramid.saliency_level(2)[0] is small_fixed
     extent = lambda g: (np.asarray(g.size) - 1) * np.asarray(g.spacing)
@@ -180,7 +181,7 @@ def test_pair_deformation_on_a_grid_is_the_pointwise_field() -> None:
     interpolated point by point (grid_sample, border values) at the grid's physical points."""
     direction = tuple(np.linalg.qr(np.random.default_rng(2).normal(size=(3, 3)))[0].ravel())
     grid = Grid.centered(np.array([10.0, -5.0, 3.0]), (30, 26, 22), (2.0, 2.0, 2.0), direction)
-    deformation = registration.PairDeformation(grid, (30.0, 15.0))
+    deformation = finetune.PairDeformation(grid, (30.0, 15.0))
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         deformation.matrix.copy_(0.05 * torch.randn(3, 3, generator=generator))
@@ -213,12 +214,12 @@ def test_organ_term_aligns_the_organ_maps_with_an_affine_correction(metric: str)
     grid = Grid.centered(np.zeros(3), (32, 32, 32), (2.0, 2.0, 2.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
     flat = torch.full((1, 1, *grid.shape), 0.5)
     organs = (ball(grid, (0.0, 0.0, 0.0), 12.0), ball(grid, (4.0, 0.0, 0.0), 12.0))
-    pyramid = registration.Pyramid(flat, flat.clone(), grid, 1.5, organs)
+    pyramid = finetune.Pyramid(flat, flat.clone(), grid, 1.5, organs)
     initial = torch.zeros(1, 3, *grid.shape)
     results = {}
     for weight in (0.0, 1.0):
         # 2,000 MI samples: strided subgrids (stride 3 on the finest level, 2 on the coarse one)
-        deformation = registration.fine_tune(pyramid, initial, 100, metric, field_step_mm=0.0, organ_weight=weight,
+        deformation = finetune.fine_tune(pyramid, initial, 100, metric, field_step_mm=0.0, organ_weight=weight,
                                              samples=2000)
         assert len(deformation.fields) == 0 and not hasattr(deformation, "velocity_grid")
         with torch.no_grad():
@@ -242,17 +243,17 @@ def test_organ_maps_reach_the_fine_tuning_grid_only_where_the_network_saw() -> N
     tune = Grid.centered(np.zeros(3), (40, 40, 40), (1.5, 1.5, 1.5), (1, 0, 0, 0, 1, 0, 0, 0, 1))
     full = torch.ones(1, 1, *model.shape)  # organ everywhere the network looked (27 mL)
     messages: list[str] = []
-    fixed, moving = registration.organ_maps({"fixed_segmentation": full, "moving_segmentation": full},
+    fixed, moving = finetune.organ_maps({"fixed_segmentation": full, "moving_segmentation": full},
                                             model, tune, messages)
     assert fixed.shape == (1, 1, *tune.shape) and "organ outlines" in messages[-1]
     distance = spatial.physical_points(tune).abs().amax(dim=-1)  # model grid's voxel centres reach 13.5 mm
     assert float(fixed[0, 0][distance <= 13.4].min()) == pytest.approx(1.0)
     assert float(fixed[0, 0][distance >= 16.5].max()) == 0.0  # one model voxel beyond: falls to zero
     empty = torch.zeros(1, 1, *model.shape)
-    assert registration.organ_maps({"fixed_segmentation": full, "moving_segmentation": empty}, model, tune,
+    assert finetune.organ_maps({"fixed_segmentation": full, "moving_segmentation": empty}, model, tune,
                                    messages) is None
     assert "no organ in the moving image" in messages[-1]
-    assert registration.organ_maps({"displacement": empty}, model, tune, messages) is None
+    assert finetune.organ_maps({"displacement": empty}, model, tune, messages) is None
     assert "no organ maps" in messages[-1]
 
 
@@ -261,7 +262,7 @@ def test_fine_tuning_adam_follows_torch_adam() -> None:
     target = torch.linspace(-2, 3, 12).view(3, 4)
     ours = [torch.nn.Parameter(torch.zeros(3, 4)), torch.nn.Parameter(torch.ones(5))]
     theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
-    optimizer = registration.Adam([([ours[0]], 0.1), ([ours[1]], 0.03)])
+    optimizer = finetune.Adam([([ours[0]], 0.1), ([ours[1]], 0.03)])
     reference = torch.optim.Adam([{"params": [theirs[0]], "lr": 0.1}, {"params": [theirs[1]], "lr": 0.03}])
     schedule = torch.optim.lr_scheduler.LambdaLR(reference, lambda i: 1.0 - 0.05 * i)
     loss = lambda params: ((params[0] - target) ** 2).sum() + (params[1] ** 4).sum()

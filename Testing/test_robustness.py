@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from DeepRegisterLib import guard, registration
+from DeepRegisterLib import guard, preprocess, registration
 from DeepRegisterLib.imageio import InputError, read_image
 from DeepRegisterLib.landmarks import tre
 from DeepRegisterLib.masks import detect_field_of_view
@@ -96,9 +96,9 @@ def test_physical_overlap_counts_voxels_across_the_whole_volume() -> None:
     mask = sitk.Image([64, 64, 64], sitk.sitkUInt8)
     mask[:, :, 0:16] = 1  # a slab along z: a quarter of the volume
     for moving, moving_mask, expected in ((half, None, 0.5), (image, mask, 0.25), (half, mask, 0.125)):
-        overlap = registration.physical_overlap(image, None, moving, moving_mask, sitk.TranslationTransform(3))
+        overlap = preprocess.physical_overlap(image, None, moving, moving_mask, sitk.TranslationTransform(3))
         assert overlap == pytest.approx(expected, abs=0.03)
-    assert registration.physical_overlap(image, mask, half, None, sitk.TranslationTransform(3)) == pytest.approx(0.5, abs=0.03)
+    assert preprocess.physical_overlap(image, mask, half, None, sitk.TranslationTransform(3)) == pytest.approx(0.5, abs=0.03)
 
 
 def test_auto_start_trusts_physical_positions_only_where_they_overlap(navigated_fan_pair) -> None:

@@ -1,4 +1,4 @@
-"""Offscreen Slicer slice views (DeepRegisterLib.sliceviews): scene nodes, navigation and pixels.
+"""Offscreen Slicer slice views (DeepRegisterLib.tools.sliceviews): scene nodes, navigation and pixels.
 
 Set DEEPREGISTER_SLICEVIEWS_EXAMPLES=<folder> to also keep example screenshots there.
 """
@@ -14,7 +14,7 @@ import slicer
 import vtk
 from vtk.util import numpy_support
 
-from DeepRegisterLib.sliceviews import SliceViews
+from DeepRegisterLib.tools.sliceviews import SliceViews
 
 SIZE = (160, 160)  # view width, height in pixels
 DIMS = (64, 64, 40)  # I, J, K voxels

@@ -19,7 +19,7 @@ import torch
 
 from DeepRegisterLib.imageio import center_alignment, check_volume, read_image
 from DeepRegisterLib.models import ModelCard
-from DeepRegisterLib.registration import PairInputs, model_grid
+from DeepRegisterLib.preprocess import PairInputs, model_grid
 from DeepRegisterLib.spatial import Grid
 
 FOLDERS = ("fixed_images", "moving_images", "fixed_labels", "moving_labels")

@@ -12,7 +12,7 @@ import SimpleITK as sitk
 import torch
 
 from DeepRegisterLib.losses import bending_energy, lncc_loss, mutual_information_loss, soft_dice
-from DeepRegisterLib.saliency import gaussian_smooth
+from DeepRegisterLib.filters import gaussian_smooth
 from DeepRegisterLib.spatial import Grid, affine_displacement, sample, warp
 from DeepRegisterLib.synthetic import multi_frequency_field, ultrasound_remap
 

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from DeepRegisterLib.cli import ProgressBar
+from DeepRegisterLib.progress import ProgressBar
 from DeepRegisterLib.models import WEIGHTS_FILE, ModelCard, find_model, read_weights, save_model
 from DeepRegisterLib.nets import build_network
 from DeepRegisterLib.spatial import Grid, folding_percent, warp

@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 from .models import DEFAULT_MODEL as DEFAULT_MODEL_NAME  # models and options load no torch
 from .options import INITIAL_POSITIONS
 from .options import SIMILARITY_CHOICES as SIMILARITIES
+from .progress import ProgressBar  # standard library only
 
 if TYPE_CHECKING:  # imported where needed: see the module docstring
     import SimpleITK as sitk
@@ -58,30 +59,7 @@ MODEL_HELP = (f"model name (see `deepregister models`), model folder, or `none` 
               "else the first installed model, else none")
 # Errors that mean bad input (exit 2) and cancellation (exit 130): (module, class).
 _BAD_INPUT = (("imageio", "InputError"), ("landmarks", "LandmarkError"), ("models", "ModelError"))
-_CANCELLED = (("registration", "RegistrationCancelled"),)
-
-
-class ProgressBar:
-    """A one-line text progress bar with ETA on stderr (silent when stderr is not a terminal
-    unless ``always``)."""
-
-    def __init__(self, always: bool = False) -> None:
-        self.enabled = always or sys.stderr.isatty()
-        self.start = time.perf_counter()
-        self.stage = ""
-
-    def __call__(self, stage: str, fraction: float) -> None:
-        if not self.enabled:
-            return
-        if stage != self.stage:
-            self.stage, self.start = stage, time.perf_counter()
-        elapsed = time.perf_counter() - self.start
-        eta = f"ETA {elapsed / fraction - elapsed:4.0f} s" if 0 < fraction < 1 else " " * 8
-        filled = int(30 * fraction)
-        sys.stderr.write(f"\r{stage:<10} [{'#' * filled}{'.' * (30 - filled)}] {fraction:4.0%} {eta}")
-        if stage == "output" and fraction >= 1:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
+_CANCELLED = (("progress", "RegistrationCancelled"),)
 
 
 class CpuProbe:
@@ -504,7 +482,7 @@ def cmd_models(_: argparse.Namespace) -> int:
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
-    from .benchmark import run
+    from .tools.benchmark import run
 
     return run(args)
 
@@ -572,7 +550,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     benchmark = commands.add_parser("benchmark", help="accuracy, seconds and memory against elastix and ANTs "
                                                       "(pip install .[bench])")
     if argv is None or (len(argv) > 0 and argv[0] == "benchmark"):
-        from .benchmark import add_arguments
+        from .tools.benchmark import add_arguments
 
         add_arguments(benchmark)
     benchmark.set_defaults(func=cmd_benchmark)

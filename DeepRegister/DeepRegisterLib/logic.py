@@ -33,7 +33,7 @@ from .options import INITIAL_POSITIONS
 from .options import SIMILARITY_CHOICES as SIMILARITIES
 
 if TYPE_CHECKING:
-    from .registration import ProgressCallback
+    from .progress import ProgressCallback
 
 FIELD_MODES = ("off", "glyphs", "grid", "contours")
 SALIENCY_COLORMAP_NAME = "DeepRegister saliency (inferno)"

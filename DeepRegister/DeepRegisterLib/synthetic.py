@@ -13,7 +13,7 @@ import SimpleITK as sitk
 import torch
 
 from . import spatial
-from .saliency import gaussian_smooth
+from .filters import gaussian_smooth
 from .spatial import Grid
 
 

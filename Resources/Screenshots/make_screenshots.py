@@ -23,7 +23,7 @@ from DeepRegisterLib import mrml
 from DeepRegisterLib.imageio import read_image
 from DeepRegisterLib.landmarks import read_landmarks
 from DeepRegisterLib.logic import RegistrationLogic
-from DeepRegisterLib.sliceviews import SliceViews
+from DeepRegisterLib.tools.sliceviews import SliceViews
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = ROOT / "Resources" / "SampleData"

@@ -1,6 +1,6 @@
 """The benchmark report: a Markdown table with the goals checked, and PNG plots.
 
-Input: the rows of :func:`DeepRegisterLib.benchmark.run_benchmark` (one per run). Per pair and
+Input: the rows of :func:`DeepRegisterLib.tools.benchmark.run_benchmark` (one per run). Per pair and
 method the seconds are the median over repeats; accuracy comes from the first repeat (all
 methods here are deterministic for a given input). Per pair kind and method the table gives the
 median and 90th percentile of TRE over all landmarks, the median Dice, the largest folding, the

@@ -17,7 +17,7 @@ Masks go to every method: DeepRegister's ``register(..., fixed_mask=, moving_mas
 UInt8 images on their image's grid; only passed when the pair has them), elastix's fixed and moving
 masks (itk.Image[UC, 3]) and ANTs' ``mask`` / ``moving_mask`` (applied at all stages).
 
-Each registration runs in its own worker process (``python -m DeepRegisterLib.benchmark``) with
+Each registration runs in its own worker process (``python -m DeepRegisterLib.tools.benchmark``) with
 ``--threads`` CPU threads, so the peak resident memory it reports is that of the process doing the
 work, and the seconds are those of the registration call alone, steady state: no imports or file
 reading, and each worker first registers a small synthetic pair with the same tool so one-time
@@ -70,9 +70,9 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .imageio import center_alignment, read_image
-from .landmarks import read_landmarks, tre
-from .memory import peak_memory_mb
+from ..imageio import center_alignment, read_image
+from ..landmarks import read_landmarks, tre
+from ..memory import peak_memory_mb
 
 METHOD_GROUPS = ("deepregister", "elastix", "ants")
 DEFAULT_FINETUNE_ITERATIONS = 40  # "+ft" runs of models whose card sets no fine-tuning default
@@ -159,7 +159,7 @@ def expand_methods(groups: list[str], models: list[str] | None, quick: bool) -> 
     ``models``: model names for deepregister (default: every installed model). ``quick``: a few
     iterations everywhere, for smoke tests only.
     """
-    from .models import find_model, list_models, read_card
+    from ..models import find_model, list_models, read_card
 
     unknown = [g for g in groups if g not in METHOD_GROUPS]
     if unknown:
@@ -189,7 +189,7 @@ def _run_deepregister(fixed_path: str, moving_path: str, options: dict, out: Pat
                       masks: tuple[str, str] = ("", "")) -> tuple[float, Path]:
     import torch
 
-    from .registration import register
+    from ..registration import register
 
     torch.set_num_threads(threads)
     fixed, moving = read_image(fixed_path), read_image(moving_path)
@@ -457,7 +457,7 @@ def run_process(pair: BenchmarkPair, method: Method, folder: Path, threads: int,
     report = _last_json(done.stdout)
     if method.tool == "ants" and "fwdtransforms" not in report:
         return {"status": "failed", "error": "the ANTs process printed no transforms"}
-    field_command = [sys.executable, "-m", "DeepRegisterLib.benchmark", "field", method.tool, str(folder)]
+    field_command = [sys.executable, "-m", "DeepRegisterLib.tools.benchmark", "field", method.tool, str(folder)]
     field_command += ([str(pair.moving)] if method.tool == "elastix"
                       else [str(pair.fixed), str(pair.moving), json.dumps(report["fwdtransforms"])])
     converted = subprocess.run(field_command, capture_output=True, text=True, timeout=timeout_s, cwd=folder,
@@ -566,7 +566,7 @@ def read_transform(path: Path) -> sitk.Transform:
 def measure(pair: BenchmarkPair, transform: sitk.Transform) -> dict:
     """TRE statistics (mm), Dice per label and folding (% of fixed voxels) of a fixed -> moving transform."""
     # Imported here: metrics needs torch, which elastix and ANTs workers must not load (their memory).
-    from .metrics import dice_per_label, transform_folding_percent
+    from ..metrics import dice_per_label, transform_folding_percent
 
     fixed = sitk.ReadImage(str(pair.fixed))
     row: dict = {"folding_percent": transform_folding_percent(transform, fixed)}
@@ -600,7 +600,7 @@ def run_one(pair: BenchmarkPair, method: Method, threads: int, timeout_s: float,
             if report["status"] != "ok":
                 return report
         else:
-            command = [sys.executable, "-m", "DeepRegisterLib.benchmark", method.tool, json.dumps(method.options),
+            command = [sys.executable, "-m", "DeepRegisterLib.tools.benchmark", method.tool, json.dumps(method.options),
                        str(pair.fixed), str(pair.moving), pair.modality, folder, str(threads), *pair.masks]
             # The burner runs through the worker's warm-up too, so the timed call starts under load.
             with BusyCores(busy, timeout_s + 30) as burner:

@@ -9,9 +9,10 @@ rendered therefore follows the scene exactly as in Slicer: background / foregrou
 and opacities of the composite nodes, window/level and colour node of the volume display nodes,
 transform display nodes shown in 2D (glyph, grid, contour) and markups with their labels.
 
-Rendering is offscreen (EGL or OSMesa; ``VTK_DEFAULT_OPENGL_WINDOW`` is set to
-``vtkEGLRenderWindow`` when unset and no X display is available).  Inside the Slicer application
-use the application's own slice views instead (``slicer.app.layoutManager()``).
+Rendering is offscreen (EGL or OSMesa; the first :class:`SliceViews` sets ``VTK_DEFAULT_OPENGL_WINDOW``
+to ``vtkEGLRenderWindow`` when unset and no X display is available; importing this module changes
+no environment variable).  Inside the Slicer application use the application's own slice views
+instead (``slicer.app.layoutManager()``).
 """
 
 from __future__ import annotations
@@ -20,10 +21,6 @@ import os
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-
-if "VTK_DEFAULT_OPENGL_WINDOW" not in os.environ and not os.environ.get("DISPLAY") and sys.platform.startswith("linux"):
-    # Must be chosen before the first render window is created.
-    os.environ["VTK_DEFAULT_OPENGL_WINDOW"] = "vtkEGLRenderWindow"
 
 import numpy as np
 import slicer
@@ -56,6 +53,17 @@ DISPLAYABLE_MANAGERS: tuple[str, ...] = (
     "vtkMRMLSegmentationsDisplayableManager2D",
     "vtkMRMLMarkupsDisplayableManager",
 )
+
+
+def _choose_offscreen_window() -> None:
+    """Ask VTK for an EGL render window when none is chosen and no X display is available (Linux).
+
+    VTK reads ``VTK_DEFAULT_OPENGL_WINDOW`` when it creates a render window, so this runs in
+    :class:`SliceViews` before its first window, not at import: importing the module changes nothing.
+    """
+    unset = "VTK_DEFAULT_OPENGL_WINDOW" not in os.environ
+    if unset and not os.environ.get("DISPLAY") and sys.platform.startswith("linux"):
+        os.environ["VTK_DEFAULT_OPENGL_WINDOW"] = "vtkEGLRenderWindow"
 
 
 def _hex_to_rgb(color: str) -> tuple[float, float, float]:
@@ -235,6 +243,7 @@ class SliceViews:
         """
         if not names or len(set(names)) != len(names):
             raise ValueError(f"names must be distinct and not empty: {names!r}")
+        _choose_offscreen_window()  # before the first render window
         self.scene = scene
         self.size = (int(size[0]), int(size[1]))
         self._closed = False

@@ -1,0 +1,197 @@
+"""Preprocessing of a pair: the grids (network, fine-tuning, guard), intensity windows, resampling onto a
+grid as (1, 1, Z, Y, X) tensors, the overlap check and the start position (physical positions in LPS mm).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from . import guard
+from .masks import foreground_center
+from .models import ModelCard
+from .spatial import Grid
+
+FINETUNE_GRID_VOXELS = 128  # longest side of the fine-tuning grid (fitted to the fixed image)
+SALIENCY_GRID_VOXELS = 64  # longest side of the grid the joint saliency map and the guard's scores are computed on
+OVERLAP_SAMPLES = 4096  # fixed foreground voxels the overlap checks count
+MIN_OVERLAP = 0.05  # the fixed foreground share that must lie in the moving one at the start
+MIN_PHYSICAL_OVERLAP = 0.5  # "auto" start: the fixed foreground share that must map into the moving image
+CENTERS_MARGIN = 0.02  # "auto" start: relative MIND gain another start needs over the foreground centres
+
+
+def steps_covering(length: float, step: float) -> int:
+    """How many ``step``s cover ``length`` (mm), ignoring float rounding: an image whose spacing
+    differs in the 16th digit (as after a round trip through Slicer) gets the same grids."""
+    return int(math.ceil(length / step - 1e-6))
+
+
+def finetune_grid(fixed: sitk.Image) -> Grid:
+    """The grid of fine-tuning and of the saliency map: the fixed image's extent and direction,
+    isotropic, at most FINETUNE_GRID_VOXELS along its longest side and never finer than the
+    fixed image (a model's grid is often coarser and may cover only part of the image)."""
+    return _fitted_grid(fixed, FINETUNE_GRID_VOXELS)
+
+
+def judge_grid(fixed: sitk.Image) -> Grid:
+    """The grid the guard scores alignments on: the fixed image's extent, at most
+    SALIENCY_GRID_VOXELS along its longest side."""
+    return _fitted_grid(fixed, SALIENCY_GRID_VOXELS)
+
+
+def _fitted_grid(fixed: sitk.Image, voxels: int) -> Grid:
+    """:func:`model_grid` for a card fitted to the fixed image (spacing 0), ``voxels`` along its longest side."""
+    return model_grid(fixed, ModelCard(name="", description="", architecture="", config={},
+                                       input_size=[voxels] * 3, spacing_mm=[0.0] * 3))
+
+
+def model_grid(fixed: sitk.Image, card: ModelCard) -> Grid:
+    """The network's input grid for this fixed image: card size and spacing, centred on the fixed
+    image with its direction. A card spacing of 0 fits the fixed image's extent (isotropic,
+    never finer than the fixed image)."""
+    grid = Grid.from_image(fixed)
+    if min(card.spacing_mm) > 0:
+        return Grid.centered(grid.center, tuple(card.input_size), tuple(card.spacing_mm), grid.direction)
+    extent = (np.asarray(grid.size) - 1) * np.asarray(grid.spacing)
+    step = max(float(extent.max()) / (max(card.input_size) - 1), min(grid.spacing))
+    size = tuple(min(n, steps_covering(e, step) + 1) for n, e in zip(card.input_size, extent))
+    return Grid.centered(grid.center, size, (step,) * 3, grid.direction)
+
+
+def normalize_intensity(image: sitk.Image, percentiles: list[float], mask: sitk.Image | None = None
+                        ) -> tuple[float, float]:
+    """Intensity window (low, high) from the image's percentiles (inside ``mask`` when given)."""
+    array = sitk.GetArrayViewFromImage(image)
+    if mask is not None:
+        array = array[sitk.GetArrayViewFromImage(mask) > 0]
+    low, high = np.percentile(array, percentiles)
+    if high <= low:
+        low, high = float(array.min()), float(array.max())
+    return float(low), float(high)
+
+
+def to_model_tensor(image: sitk.Image, grid: Grid, transform: sitk.Transform, window: tuple[float, float],
+                    device: torch.device) -> torch.Tensor:
+    """Resample ``image`` through ``transform`` onto ``grid`` and scale ``window`` to [0, 1]: (1, 1, Z, Y, X)."""
+    low, high = window
+    resampled = sitk.Resample(image, grid.reference_image(), transform, sitk.sitkLinear, low, sitk.sitkFloat32)
+    array = (sitk.GetArrayFromImage(resampled) - low) / (high - low)
+    return torch.from_numpy(np.clip(array, 0, 1)).to(device)[None, None]
+
+
+def mask_tensor(image: sitk.Image, mask: sitk.Image | None, grid: Grid, transform: sitk.Transform,
+                device: torch.device) -> torch.Tensor:
+    """Where ``image`` holds data (``mask``, or its whole volume), resampled through ``transform`` onto
+    ``grid`` (linear, 0 outside): (1, 1, Z, Y, X) in [0, 1]."""
+    if mask is None:
+        mask = sitk.Image(image.GetSize(), sitk.sitkUInt8) + 1
+        mask.CopyInformation(image)
+    resampled = sitk.Resample(mask, grid.reference_image(), transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    return torch.from_numpy(sitk.GetArrayFromImage(resampled)).to(device)[None, None]
+
+
+@dataclass(frozen=True)
+class PairInputs:
+    """A pair as the network and fine-tuning see it: the moving image under ``shift`` (fixed ->
+    moving, mm; the start position), each image's intensity window and mask (None: all of it),
+    to be placed on any grid."""
+
+    fixed: sitk.Image
+    moving: sitk.Image
+    shift: sitk.TranslationTransform
+    fixed_window: tuple[float, float]
+    moving_window: tuple[float, float]
+    fixed_mask: sitk.Image | None = None
+    moving_mask: sitk.Image | None = None
+
+    @classmethod
+    def prepare(cls, fixed: sitk.Image, moving: sitk.Image, card: ModelCard, shift: sitk.TranslationTransform,
+                fixed_mask: sitk.Image | None = None, moving_mask: sitk.Image | None = None) -> "PairInputs":
+        """The card's percentile windows, taken inside the masks."""
+        return cls(fixed, moving, shift, normalize_intensity(fixed, card.intensity_percentiles, fixed_mask),
+                   normalize_intensity(moving, card.intensity_percentiles, moving_mask), fixed_mask, moving_mask)
+
+    def on(self, grid: Grid, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fixed and shifted moving image resampled onto ``grid``, windowed to [0, 1]: (1, 1, Z, Y, X) each."""
+        return (to_model_tensor(self.fixed, grid, sitk.Transform(), self.fixed_window, device),
+                to_model_tensor(self.moving, grid, self.shift, self.moving_window, device))
+
+    def masks_on(self, grid: Grid, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where the fixed and the shifted moving image hold data, on ``grid``: (1, 1, Z, Y, X) in [0, 1] each."""
+        return (mask_tensor(self.fixed, self.fixed_mask, grid, sitk.Transform(), device),
+                mask_tensor(self.moving, self.moving_mask, grid, self.shift, device))
+
+    def judge(self, grid: Grid, device: torch.device) -> guard.StageJudge:
+        """The guard's judge of alignments of this pair on ``grid``."""
+        return guard.StageJudge(*self.on(grid, device), *self.masks_on(grid, device), grid)
+
+
+def physical_overlap(fixed: sitk.Image, fixed_mask: sitk.Image | None, moving: sitk.Image,
+                     moving_mask: sitk.Image | None, shift: sitk.TranslationTransform) -> float:
+    """Share of the fixed foreground (its mask, else the whole image) that ``shift`` maps into the
+    moving foreground (its mask, else the whole image), counted on a regular subgrid of about
+    OVERLAP_SAMPLES foreground voxels (the same stride along every axis)."""
+    shape = fixed.GetSize()[::-1]
+    foreground = sitk.GetArrayViewFromImage(fixed_mask) > 0 if fixed_mask is not None else None
+    count = int(foreground.sum()) if foreground is not None else math.prod(shape)
+    stride = max(1, int((count / OVERLAP_SAMPLES) ** (1.0 / 3.0)))
+    axes = np.meshgrid(*(np.arange(stride // 2, n, stride) for n in shape), indexing="ij")
+    zyx = np.stack([axis.ravel() for axis in axes], axis=1)
+    if foreground is not None:
+        zyx = zyx[foreground[tuple(zyx.T)]]
+    grid, moving_grid = Grid.from_image(fixed), Grid.from_image(moving)
+    points = np.asarray(grid.origin) + zyx[:, ::-1] @ grid.index_to_physical.T + np.asarray(shift.GetOffset())
+    voxels = np.round(moving_grid.physical_to_index(points)).astype(int)
+    inside = np.all((voxels >= 0) & (voxels < np.asarray(moving_grid.size)), axis=1)
+    if moving_mask is not None:
+        x, y, z = voxels[inside].T
+        inside[inside] = sitk.GetArrayViewFromImage(moving_mask)[z, y, x] > 0
+    return float(inside.mean()) if len(inside) else 0.0
+
+
+def start_position(inputs: PairInputs, judge_masks: tuple[sitk.Image | None, sitk.Image | None], initial: str,
+                   device: torch.device, messages: list[str]
+                   ) -> tuple[sitk.TranslationTransform, str, guard.StageJudge | None]:
+    """The fixed -> moving translation registration starts from, its name ("physical" or "centers"),
+    and (for "auto") the judge that scored it, on :func:`judge_grid` inside ``judge_masks``.
+
+    "physical": the images' physical positions; "centers": the centres of the foregrounds (the
+    masks of ``inputs``, else the whole images) coincide; "auto": the foreground centres, unless
+    the physical positions (when at least MIN_PHYSICAL_OVERLAP of the fixed foreground lies in the
+    moving one there) or, with masks, the image centres score better by both MIND-SSC (by
+    CENTERS_MARGIN) and mutual information inside ``judge_masks``: two similarities must agree
+    before the start moves away from the centres.
+    """
+    fixed, moving = inputs.fixed, inputs.moving
+    centers = sitk.TranslationTransform(3, (foreground_center(moving, inputs.moving_mask)
+                                            - foreground_center(fixed, inputs.fixed_mask)).tolist())
+    if initial != "auto":
+        return (sitk.TranslationTransform(3), "physical", None) if initial == "physical" else (centers, "centers", None)
+    candidates = {"the foreground centres aligned": centers}
+    if inputs.fixed_mask is not None or inputs.moving_mask is not None:
+        candidates["the image centres aligned"] = sitk.TranslationTransform(
+            3, (foreground_center(moving, None) - foreground_center(fixed, None)).tolist())
+    overlap = physical_overlap(fixed, judge_masks[0], moving, judge_masks[1], sitk.TranslationTransform(3))
+    if overlap >= MIN_PHYSICAL_OVERLAP:
+        candidates["the physical positions"] = sitk.TranslationTransform(3)
+    grid = judge_grid(fixed)
+    zero = torch.zeros(1, 3, *grid.shape, device=device)
+    judged = replace(inputs, fixed_mask=judge_masks[0], moving_mask=judge_masks[1])
+    judges: dict[str, guard.StageJudge] = {}
+    for name, shift in candidates.items():
+        shifted = replace(judged, shift=shift)
+        judges[name] = (shifted.judge(grid, device) if not judges else next(iter(judges.values())).with_moving(
+            shifted.on(grid, device)[1], shifted.masks_on(grid, device)[1]))
+    scores = {name: judge.score(name, zero, 0.0) for name, judge in judges.items()}
+    default = scores["the foreground centres aligned"]
+    agreeing = [name for name, score in scores.items()
+                if score.mind < default.mind * (1.0 - CENTERS_MARGIN) and score.mi < default.mi]
+    best = min(agreeing, key=lambda name: scores[name].mind) if agreeing else default.stage
+    messages.append(f"Started from {best}" + ("." if best == default.stage else
+                                              ": both similarities rate it above the foreground centres."))
+    physical = np.allclose(candidates[best].GetOffset(), 0.0, atol=1e-3)  # image centres may coincide already
+    return candidates[best], "physical" if physical else "centers", judges[best]
