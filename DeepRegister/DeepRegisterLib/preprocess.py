@@ -125,6 +125,12 @@ class PairInputs:
         return (mask_tensor(self.fixed, self.fixed_mask, grid, sitk.Transform(), device),
                 mask_tensor(self.moving, self.moving_mask, grid, self.shift, device))
 
+    def moving_on(self, grid: Grid, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The shifted moving image and where it holds data, on ``grid`` (the moving halves of :meth:`on`
+        and :meth:`masks_on`)."""
+        return (to_model_tensor(self.moving, grid, self.shift, self.moving_window, device),
+                mask_tensor(self.moving, self.moving_mask, grid, self.shift, device))
+
     def judge(self, grid: Grid, device: torch.device) -> guard.StageJudge:
         """The guard's judge of alignments of this pair on ``grid``."""
         return guard.StageJudge(*self.on(grid, device), *self.masks_on(grid, device), grid)
@@ -181,11 +187,10 @@ def start_position(inputs: PairInputs, judge_masks: tuple[sitk.Image | None, sit
     grid = judge_grid(fixed)
     zero = torch.zeros(1, 3, *grid.shape, device=device)
     judged = replace(inputs, fixed_mask=judge_masks[0], moving_mask=judge_masks[1])
-    judges: dict[str, guard.StageJudge] = {}
-    for name, shift in candidates.items():
-        shifted = replace(judged, shift=shift)
-        judges[name] = (shifted.judge(grid, device) if not judges else next(iter(judges.values())).with_moving(
-            shifted.on(grid, device)[1], shifted.masks_on(grid, device)[1]))
+    first = replace(judged, shift=centers).judge(grid, device)  # the fixed half is shared by every candidate
+    judges = {name: first if shift is centers else
+              first.with_moving(*replace(judged, shift=shift).moving_on(grid, device))
+              for name, shift in candidates.items()}
     scores = {name: judge.score(name, zero, 0.0) for name, judge in judges.items()}
     default = scores["the foreground centres aligned"]
     agreeing = [name for name, score in scores.items()
