@@ -1,10 +1,12 @@
 """DeepRegister: deep-learning registration of 3D volumes in 3D Slicer.
 
-The module is a thin Slicer front end. The work happens in ``DeepRegisterLib`` (importable
-without Slicer): ``DeepRegisterLib.registration`` registers two images and
-``DeepRegisterLib.logic.RegistrationLogic`` does it on an MRML scene (nodes in, nodes out,
-landmark TRE tables, result display). ``DeepRegisterLib`` needs PyTorch, so it is imported
-only when needed: the module loads, and its panel shows, before PyTorch is installed.
+The module is a thin Slicer front end. The work happens in ``DeepRegisterLib``:
+``DeepRegisterLib.registration`` registers two images (PyTorch) and
+``DeepRegisterLib.logic.RegistrationLogic`` does it on an MRML scene (nodes in, nodes out, result
+files, landmark TRE tables; the result display from ``DeepRegisterLib.display``).
+``DeepRegisterLogic`` is that logic on the application's scene plus what needs the Slicer
+application (dependencies, parameter node, model list, landmark placement). The logic imports
+PyTorch only when registering: the module loads, and its panel shows, before PyTorch is installed.
 """
 
 import enum
@@ -39,16 +41,16 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
+from DeepRegisterLib.logic import BEFORE_FROM_START_ATTRIBUTE, NO_MODEL, RegistrationLogic, ResultFilesExist
+from DeepRegisterLib.options import DEFAULT_ITERATIONS_WITHOUT_MODEL
+from DeepRegisterLib.resources import sample_data_dir
+
 PROJECT_URL = "https://github.com/deepregister/SlicerDeepRegister"
 MINIMUM_TORCH_VERSION = "2.2"
 # The model setting, as on the command line: no choice ("") = the best general model installed
 # (DeepRegisterLib.models.default_model), "none" = no network, fine-tuning on the pair alone.
 DEFAULT_MODEL = ""
-NO_MODEL = "none"
 WARNING_STYLE = "color: #d35400; font-weight: bold;"  # the status line when the result has warnings
-# Fine-tuning steps the engine runs when none are asked for (DeepRegisterLib.registration
-# DEFAULT_ITERATIONS_WITHOUT_MODEL); with a model: its card's finetune_iterations (100 for mrus and generic).
-DEFAULT_ITERATIONS_WITHOUT_MODEL = 150
 SAMPLE_DATA_CATEGORY = "DeepRegister"
 # Sample Data module entries: (sample name, [(file in Resources/SampleData, node name)], load properties).
 SAMPLE_DATA_SETS = (
@@ -181,7 +183,7 @@ def sampleDataSources() -> list:
 
     sources = []
     for sampleName, files, properties in SAMPLE_DATA_SETS:
-        paths = [resourcePath(os.path.join("SampleData", fileName)) for fileName, _nodeName in files]
+        paths = [str(sample_data_dir() / fileName) for fileName, _nodeName in files]
         if not all(os.path.isfile(path) for path in paths):
             logging.warning("DeepRegister: sample data '%s' is incomplete; not offered in Sample Data", sampleName)
             continue
@@ -296,7 +298,8 @@ class DeepRegisterParameterNode:
     model - name of a trained model (see DeepRegisterLib.models); "" (no choice) uses the best general model
         installed (DeepRegisterLib.models.default_model), "none" registers by fine-tuning on the pair only.
     device - where the network runs.
-    iterations - fine-tuning steps on the pair; -1 uses the default: the model card's (100 for mrus and generic), 150 without a model.
+    iterations - fine-tuning steps on the pair; -1 uses the default: the model card's, DEFAULT_ITERATIONS_WITHOUT_MODEL
+        without a model (see iterationsToolTip).
     similarity - how fine-tuning compares the images.
     initialPosition - where the registration starts (image centres aligned or physical positions).
     outputTransform - receives the fixed->moving displacement field (created when empty).
@@ -579,7 +582,7 @@ class DeepRegisterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updateButtonStates()
         elapsed = time.perf_counter() - start
         try:
-            self.logic.showResults(result, parameterNode.saliencyOpacity, parameterNode.fieldDisplay)
+            self.logic.showResults(result, parameterNode.saliencyOpacity, parameterNode.fieldDisplay.value)
             self._appliedDisplay = (parameterNode.saliencyOpacity, parameterNode.fieldDisplay)
         except Exception as error:  # results are in the scene; only their display failed
             logging.exception("DeepRegister: showing results failed")
@@ -669,8 +672,6 @@ class DeepRegisterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.saveResults(folder)
 
     def saveResults(self, folder: str, askOverwrite: bool = True) -> None:
-        from DeepRegisterLib.logic import ResultFilesExist
-
         result = self._currentResult()
         table = self._parameterNode.treTable if self._parameterNode else None
         try:
@@ -703,7 +704,7 @@ class DeepRegisterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._appliedDisplay = settings
         try:
             self.logic.setSaliencyOpacity(parameterNode.saliencyOpacity)
-            self.logic.setFieldDisplay(parameterNode.outputTransform, parameterNode.fieldDisplay)
+            self.logic.setFieldDisplay(parameterNode.outputTransform, parameterNode.fieldDisplay.value)
         except Exception:
             logging.exception("DeepRegister: updating the display failed")
 
@@ -776,15 +777,16 @@ class DeepRegisterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 #
 
 
-class DeepRegisterLogic(ScriptedLoadableModuleLogic):
-    """Slicer-application side of DeepRegister: dependencies, parameter node, landmarks placement.
+class DeepRegisterLogic(RegistrationLogic, ScriptedLoadableModuleLogic):
+    """``DeepRegisterLib.logic.RegistrationLogic`` (registration, result files, TRE, result display) on the
+    application's scene, plus what needs the Slicer application: dependencies, parameter node, the installed
+    models (``model=""``, the default, registers with the best general model installed), landmark placement.
+    Usable from the Python console::
 
-    Registration, TRE and result display are delegated to ``DeepRegisterLib.logic.RegistrationLogic``,
-    which works on any MRML scene. Usable from the Python console::
-
-        logic = slicer.util.getModuleLogic("DeepRegister")
+        logic = slicer.util.getModuleLogic("DeepRegister")  # or DeepRegisterLogic()
         result = logic.register(fixedNode, movingNode, model=None, device="auto", iterations=100)
         table = logic.measureTRE(fixedPointsNode, movingPointsNode, result.transformNode)
+        logic.showResults(result, saliencyOpacity=0.5, fieldDisplay="glyphs")
     """
 
     LANDMARK_EVENTS = (slicer.vtkMRMLMarkupsNode.PointAddedEvent, slicer.vtkMRMLMarkupsNode.PointRemovedEvent,
@@ -793,21 +795,11 @@ class DeepRegisterLogic(ScriptedLoadableModuleLogic):
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
-        self._engine = None
+        RegistrationLogic.__init__(self, slicer.mrmlScene)
 
     def getParameterNode(self) -> DeepRegisterParameterNode:
         # model "" (no choice) follows the installed models: see resolveModel.
         return DeepRegisterParameterNode(super().getParameterNode())
-
-    @property
-    def engine(self):
-        """``DeepRegisterLib.logic.RegistrationLogic`` on the application's scene (PyTorch is imported
-        only when registering; TRE and display work without it)."""
-        if self._engine is None:
-            from DeepRegisterLib.logic import RegistrationLogic
-
-            self._engine = RegistrationLogic(slicer.mrmlScene)
-        return self._engine
 
     # -- dependencies --------------------------------------------------------------------------
     @staticmethod
@@ -816,19 +808,15 @@ class DeepRegisterLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def missingPackages() -> list:
-        """Python packages DeepRegisterLib needs that are not installed (import names)."""
-        return [name for name in ("torch", "safetensors", "SimpleITK", "numpy")
-                if importlib.util.find_spec(name) is None]
+        """Python packages registering needs that are not installed (import names). SimpleITK and NumPy come
+        with 3D Slicer; the logic imports them with the module."""
+        return [name for name in ("torch", "safetensors") if importlib.util.find_spec(name) is None]
 
     def ensureDependencies(self, askConfirmation: bool = True) -> bool:
         """Installs what is missing, after the user agrees: PyTorch through the PyTorch extension's
         PyTorchUtils (it picks the build that fits the GPU driver), the rest with pip. Returns True
         when everything is importable; otherwise tells the user why and returns False."""
         missing = self.missingPackages()
-        if "SimpleITK" in missing or "numpy" in missing:
-            slicer.util.errorDisplay(_("This 3D Slicer has no SimpleITK or NumPy, which DeepRegister needs. "
-                                       "Use an official 3D Slicer release."), windowTitle=_("DeepRegister"))
-            return False
         torchLogic = None
         if "torch" in missing:
             try:
@@ -917,8 +905,8 @@ class DeepRegisterLogic(ScriptedLoadableModuleLogic):
         return default_model(cards)
 
     def resolveModel(self, model) -> Optional[str]:
-        """The model to register with, as the command line reads --model: "" (or None, no choice) -> the best
-        general model installed (fine-tuning alone when none is); "none" -> None (fine-tuning alone)."""
+        """The model to register with (:meth:`register` asks), as the command line reads --model: "" (or None,
+        no choice) -> the best general model installed (fine-tuning alone when none is); "none" -> None."""
         model = (model or DEFAULT_MODEL).strip()
         if model.lower() == NO_MODEL:
             return None
@@ -927,40 +915,18 @@ class DeepRegisterLogic(ScriptedLoadableModuleLogic):
         return model
 
     # -- registration --------------------------------------------------------------------------
-    def register(self, fixedVolumeNode, movingVolumeNode, model=DEFAULT_MODEL, device="auto", iterations=None,
-                 progress=None, outputTransformNode=None, saliencyNode=None, warpedNode=None, createWarped=False,
-                 fixedMaskNode=None, movingMaskNode=None, detectFieldOfView=True, similarity="auto", initial="auto"):
-        """Registers the moving volume to the fixed one (see ``DeepRegisterLib.logic.RegistrationLogic.register``).
-
-        ``model``: a name; "" (the default) for the best general model installed; None or "none" for
-        fine-tuning on the pair only. ``iterations``: None for the default. ``fixedMaskNode``,
-        ``movingMaskNode``: label maps or segmentations (resampled onto their volume's grid).
-        ``similarity``: "auto", "mi", "mind", "lncc"; ``initial``: "auto", "centers", "physical" (or the
-        panel's enums). ``progress(stage, fraction)`` may return False to cancel. Raises ``LogicError``
-        (a ValueError) with a readable message for bad input; the scene is unchanged on errors. A
-        result with ``warnings`` is not a plain success: show them.
-        """
-        return self.engine.register(fixedVolumeNode, movingVolumeNode,
-                                    model=None if model is None else self.resolveModel(model),
-                                    device=device.value if isinstance(device, Device) else device,
-                                    iterations=iterations, progress=progress, outputTransformNode=outputTransformNode,
-                                    saliencyNode=saliencyNode, warpedNode=warpedNode, createWarped=createWarped,
-                                    fixedMaskNode=fixedMaskNode, movingMaskNode=movingMaskNode,
-                                    detectFieldOfView=detectFieldOfView,
-                                    similarity=similarity.value if isinstance(similarity, Similarity) else similarity,
-                                    initial=initial.value if isinstance(initial, InitialPosition) else initial)
-
     def registerFromParameterNode(self, parameterNode: DeepRegisterParameterNode, progress=None):
         """Runs :meth:`register` with the settings of the parameter node and stores the output nodes in it."""
         result = self.register(
             parameterNode.fixedVolume, parameterNode.movingVolume, model=parameterNode.model,
-            device=parameterNode.device, iterations=None if parameterNode.iterations < 0 else parameterNode.iterations,
+            device=parameterNode.device.value,
+            iterations=None if parameterNode.iterations < 0 else parameterNode.iterations,
             progress=progress, outputTransformNode=parameterNode.outputTransform,
             saliencyNode=parameterNode.saliencyVolume,
             warpedNode=parameterNode.warpedVolume if parameterNode.createWarpedVolume else None,
             createWarped=parameterNode.createWarpedVolume, fixedMaskNode=parameterNode.fixedMask,
             movingMaskNode=parameterNode.movingMask, detectFieldOfView=parameterNode.detectFieldOfView,
-            similarity=parameterNode.similarity, initial=parameterNode.initialPosition)
+            similarity=parameterNode.similarity.value, initial=parameterNode.initialPosition.value)
         wasModified = parameterNode.StartModify()
         parameterNode.outputTransform = result.transformNode
         parameterNode.saliencyVolume = result.saliencyNode
@@ -1009,50 +975,14 @@ class DeepRegisterLogic(ScriptedLoadableModuleLogic):
         lines += list(result.messages)
         return "\n".join(lines)
 
-    # -- results -------------------------------------------------------------------------------
-    def hardenTransform(self, resultOrNode):
-        """Applies the registration's transform to the moving volume (``vtkSlicerTransformLogic.hardenTransform``:
-        its voxels are resampled where the transform showed them); the transform node stays in the scene.
-        ``resultOrNode``: a result of :meth:`register` or a node under a transform. Returns the node."""
-        return self.engine.hardenTransform(resultOrNode)
-
-    def saveResults(self, result, folder, treTableNode=None, overwrite=False) -> dict:
-        """Writes transform.h5, saliency.nii.gz, warped.nii.gz (if any) and tre.csv (with a TRE table) into
-        ``folder``; raises ``ResultFilesExist`` (a ValueError) instead of replacing files unless ``overwrite``,
-        and ``LogicError`` (writing nothing) on bad input. Returns {kind: path}."""
-        return self.engine.saveResults(result, folder, treTableNode, overwrite=overwrite)
-
-    # -- display -------------------------------------------------------------------------------
-    def showResults(self, result, saliencyOpacity=0.5, fieldDisplay=FieldDisplay.GLYPHS) -> None:
-        """Fixed volume, moving volume through the transform, saliency overlay with a colour legend, field."""
-        self.engine.showResults(result, saliencyOpacity=saliencyOpacity, fieldDisplay=self._mode(fieldDisplay))
-
-    def setSaliencyOpacity(self, opacity: float) -> None:
-        self.engine.setSaliencyOpacity(opacity)
-
-    def setFieldDisplay(self, transformNode, mode) -> None:
-        self.engine.setFieldDisplay(transformNode, self._mode(mode))
-
-    @staticmethod
-    def _mode(mode) -> str:
-        return mode.value if isinstance(mode, FieldDisplay) else str(mode)
-
     # -- landmarks -----------------------------------------------------------------------------
-    def measureTRE(self, fixedLandmarksNode, movingLandmarksNode, transformNode=None, tableNode=None):
-        """TRE table node (Pair, Label, Before (mm), After (mm), ...; Mean, Std, Median, Max rows)."""
-        return self.engine.measureTRE(fixedLandmarksNode, movingLandmarksNode, transformNode, tableNode)
-
-    def treStatistics(self, tableNode) -> dict:
-        return self.engine.treStatistics(tableNode)
-
     def treSummary(self, tableNode) -> str:
         """"n pairs: mean TRE a mm before, b mm after registration (max c mm)." for the panel."""
         statistics = self.treStatistics(tableNode)
-        pairs = max(tableNode.GetNumberOfRows() - 4, 0)  # minus the Mean, Std, Median and Max rows
         before, after = statistics["before"], statistics["after"]
         text = _("{pairs} landmark pairs: mean TRE {before:.1f} mm before registration").format(
-            pairs=pairs, before=before["mean"])
-        if tableNode.GetAttribute("DeepRegister.BeforeFromStart") == "1":
+            pairs=before["n"], before=before["mean"])
+        if tableNode.GetAttribute(BEFORE_FROM_START_ATTRIBUTE) == "1":
             text += _(" (from its start position)")
         if after["mean"] == after["mean"]:  # not NaN: a transform was given
             text += _(", {after:.1f} mm after (largest {worst:.1f} mm).").format(after=after["mean"], worst=after["max"])
@@ -1265,8 +1195,8 @@ class DeepRegisterTest(ScriptedLoadableModuleTest):
         self.assertLess(statistics["after"]["mean"], 4.0)
         self.assertIn("mm", logic.treSummary(table))
 
-        logic.showResults(result, saliencyOpacity=0.3, fieldDisplay=FieldDisplay.GRID)
-        logic.setFieldDisplay(result.transformNode, FieldDisplay.OFF)
+        logic.showResults(result, saliencyOpacity=0.3, fieldDisplay=FieldDisplay.GRID.value)
+        logic.setFieldDisplay(result.transformNode, FieldDisplay.OFF.value)
         self.delayDisplay("Test passed")
 
     def test_SegmentationMaskIsUsed(self):

@@ -13,7 +13,8 @@ import vtk
 
 from DeepRegisterLib import mrml
 from DeepRegisterLib.landmarks import tre
-from DeepRegisterLib.logic import SALIENCY_COLORMAP_NAME, LogicError, RegistrationLogic
+from DeepRegisterLib.display import SALIENCY_COLORMAP_NAME
+from DeepRegisterLib.logic import LogicError, RegistrationLogic
 from DeepRegisterLib.progress import RegistrationCancelled
 from DeepRegisterLib.spatial import Grid
 from DeepRegisterLib.synthetic import make_phantom_pair

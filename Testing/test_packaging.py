@@ -51,10 +51,10 @@ PYTHON39 = Path("/root/.pyenv/versions/3.9.18/bin/python3.9")
 PYTHON39_WITH_NUMPY = [os.environ.get("DEEPREGISTER_PYTHON39", ""), "/tmp/py39venv/bin/python", str(PYTHON39)]
 # The torch-free modules of DeepRegisterLib (the Slicer panel and logic import them before PyTorch is installed).
 TORCH_FREE_MODULES = [
-    "options", "models", "landmarks", "imageio", "colors", "memory", "report", "cli", "tools.benchmark",
+    "options", "resources", "models", "landmarks", "imageio", "colors", "memory", "report", "cli", "tools.benchmark",
 ]
 # ... and those that also need VTK (Slicer's); imported when the 3.9 interpreter has the vtk wheel.
-VTK_MODULES = ["mrml", "logic"]
+VTK_MODULES = ["mrml", "display", "logic"]
 
 
 def python_sources() -> list[Path]:

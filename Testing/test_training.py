@@ -29,7 +29,7 @@ from DeepRegisterLib.models import ModelError, load_model  # noqa: E402
 from DeepRegisterLib.nets import build_network  # noqa: E402
 from DeepRegisterLib.registration import register  # noqa: E402
 from DeepRegisterLib.synthetic import make_phantom_pair  # noqa: E402
-from training import train  # noqa: E402
+from deepregister_training import train  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "training" / "configs").glob("*.yaml"))
@@ -100,7 +100,8 @@ def run_training(config: Path, data: Path, out: Path, *extra: str) -> None:
 
 
 def initial_network(config: Path) -> torch.nn.Module:
-    """The network ``training.train`` starts from for ``config`` (built after seeding with training.seed)."""
+    """The network ``deepregister_training.train`` starts from for ``config`` (built after seeding with
+    training.seed)."""
     settings = yaml.safe_load(config.read_text())
     torch.manual_seed(settings["training"]["seed"])
     return build_network(settings["architecture"], settings["input_size"], settings["spacing_mm"],
@@ -121,7 +122,7 @@ def test_dataset_layout(tiny_data: Path) -> None:
 def test_split_keeps_each_subject_on_one_side(tiny_data: Path, tmp_path: Path) -> None:
     """Pairs sharing a moving volume (the same file, or a perturbed copy as in mrus_sim) are one
     subject: held out together or trained on together, never split."""
-    from training.data import pairs_from_csv, pairs_from_folder, split, subjects
+    from deepregister_training.data import pairs_from_csv, pairs_from_folder, split, subjects
 
     root = write_dataset(tmp_path / "data", seeds=(1, 2, 3, 4, 5, 6))
     pairs = pairs_from_folder(root)
@@ -209,7 +210,7 @@ def test_loss_falls_on_toy_pair(tiny_data: Path, tmp_path: Path) -> None:
 def test_segmenters_learn_the_gland(tiny_data: Path, tmp_path: Path) -> None:
     """The mrus config's first phase trains only the organ segmenters, on the gland labels: their
     Dice against the training pairs' glands rises, and GlobalNet and LocalNet stay untouched."""
-    from training.data import pairs_from_folder, prepare_pair
+    from deepregister_training.data import pairs_from_folder, prepare_pair
 
     config = small_config(REPO / "training" / "configs" / "mrus_weakly_supervised.yaml", tmp_path / "configs",
                           phases=[{"until": 1000, "train": ["fixed_segmenter", "moving_segmenter"]}],
@@ -242,7 +243,7 @@ def test_augmentation_moves_labels_with_their_images() -> None:
     # label's zero padding agree): after augmentation the label must still lie exactly on its image,
     # and the random smooth field (field_mm) must move it beyond what the affine part alone does.
     from DeepRegisterLib.spatial import Grid
-    from training.objectives import Objective
+    from deepregister_training.objectives import Objective
 
     grid = Grid.canonical((20, 20, 20), (3.0, 3.0, 3.0))
     zyx = np.indices(grid.shape) - 9.5
@@ -271,8 +272,8 @@ def test_mrus_references_on_a_known_shift(tiny_data: Path, tmp_path: Path) -> No
     # Moving = fixed with its content (image and every label) moved 3 voxels along its first axis, same
     # grid: the centres coincide, so after centre alignment every landmark is 3 voxel spacings off,
     # and the gland-centroid offset recovers the shift exactly, as does registering the gland labels.
-    from training.data import pairs_from_folder
-    from training.evaluate import mrus_references
+    from deepregister_training.data import pairs_from_folder
+    from deepregister_training.evaluate import mrus_references
 
     root = tmp_path / "shifted"
     for folder in ("fixed_images", "moving_images", "fixed_labels", "moving_labels"):
@@ -310,7 +311,7 @@ def run_two_processes(config: Path, data: Path, run: Path, steps: int) -> None:
     for _ in range(2):  # the free port is found by bind-and-release: another process may take it first
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                    "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-                   "-m", "training.train", "--config", str(config), "--data", str(data),
+                   "-m", "deepregister_training.train", "--config", str(config), "--data", str(data),
                    "--max-steps", str(steps), "--out", str(run)]
         completed = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
         if "address already in use" not in (completed.stdout + completed.stderr).lower():
@@ -418,8 +419,8 @@ def test_shipped_mrus_fine_tuning_on_held_out_subjects(tmp_path: Path) -> None:
     """On 4 held-out pairs (MR volumes the model never saw) the card's default fine-tuning (affine;
     MI + the segmenters' gland maps) lowers TRE and raises gland Dice over the network alone; the
     same MI steps without the gland-map term drift away."""
-    from training.data import pairs_from_folder, split
-    from training.evaluate import evaluate_mrus
+    from deepregister_training.data import pairs_from_folder, split
+    from deepregister_training.evaluate import evaluate_mrus
 
     card, _ = load_model("mrus")
     assert card.finetune_organ_weight > 0 and card.finetune_step_mm == 0.0
@@ -504,7 +505,7 @@ def _ball(grid: "Grid", centre_mm: tuple[float, float, float], radius_mm: float)
 
 def test_label_smoothing_keeps_the_foreground_and_decays_with_distance() -> None:
     from DeepRegisterLib.spatial import Grid
-    from training.objectives import smoothed_labels
+    from deepregister_training.objectives import smoothed_labels
 
     grid = Grid.canonical((21, 21, 21), (3.0, 3.0, 3.0))
     ball = _ball(grid, (0.0, 0.0, 0.0), 4.5)  # 3 voxels from the centre along each axis inside
@@ -524,7 +525,7 @@ def test_label_cross_entropy_pulls_labels_that_do_not_overlap() -> None:
     """Two 4 mm blobs 12 mm apart do not overlap: the unsmoothed Dice gives no gradient, the smoothed
     cross-entropy does, towards the translation that aligns them, where it is smallest."""
     from DeepRegisterLib.spatial import Grid, warp
-    from training.objectives import label_cross_entropy, labels_present, multiscale_dice, smoothed_labels
+    from deepregister_training.objectives import label_cross_entropy, labels_present, multiscale_dice, smoothed_labels
 
     grid = Grid.canonical((21, 21, 21), (3.0, 3.0, 3.0))
     fixed, moving = _ball(grid, (0.0, 0.0, 0.0), 4.0), _ball(grid, (12.0, 0.0, 0.0), 4.0)

@@ -185,7 +185,8 @@ def test_module_source_is_valid_python_with_the_module_classes(tree):
     expected = {
         "DeepRegister": ["ScriptedLoadableModule"],
         "DeepRegisterWidget": ["ScriptedLoadableModuleWidget", "VTKObservationMixin"],
-        "DeepRegisterLogic": ["ScriptedLoadableModuleLogic"],
+        # The library's MRML logic on the application's scene: one logic, no forwarding layer.
+        "DeepRegisterLogic": ["RegistrationLogic", "ScriptedLoadableModuleLogic"],
         "DeepRegisterTest": ["ScriptedLoadableModuleTest"],
     }
     for name, bases in expected.items():
@@ -196,6 +197,22 @@ def test_module_source_is_valid_python_with_the_module_classes(tree):
     test_methods = [node.name for node in defined["DeepRegisterTest"].body
                     if isinstance(node, ast.FunctionDef) and node.name.startswith("test_")]
     assert test_methods, "DeepRegisterTest has no test_ methods"
+
+
+def test_the_module_logic_is_the_library_logic(module):
+    """Registration, results, TRE and display exist once, in DeepRegisterLib: the module's logic inherits them
+    and overrides only the model choice (the installed models are the Slicer module's business)."""
+    import slicer
+    from DeepRegisterLib.display import ResultDisplay
+    from DeepRegisterLib.logic import RegistrationLogic
+
+    library = {name for cls in (RegistrationLogic, ResultDisplay) for name, value in vars(cls).items()
+               if callable(value) or isinstance(value, (staticmethod, classmethod))}
+    assert {"register", "measureTRE", "treStatistics", "showResults", "setFieldDisplay", "hardenTransform"} <= library
+    assert library & set(vars(module.DeepRegisterLogic)) == {"__init__", "resolveModel"}
+    logic = module.DeepRegisterLogic()
+    assert isinstance(logic, RegistrationLogic) and logic.scene is slicer.mrmlScene
+    assert logic.moduleName == "DeepRegister"
 
 
 def test_parameter_node_has_the_documented_fields(tree):
@@ -214,9 +231,13 @@ def test_parameter_node_has_the_documented_fields(tree):
         assert node_types[mask] == ["vtkMRMLLabelMapVolumeNode", "vtkMRMLSegmentationNode"]
 
 
-def test_module_loads_without_torch(tree):
-    """PyTorch and DeepRegisterLib (which needs it) are imported inside functions only, so Slicer can
-    load the module and show its panel before PyTorch is installed."""
+TORCH_FREE_MODULES = ("DeepRegisterLib.logic", "DeepRegisterLib.options", "DeepRegisterLib.resources")
+
+
+def test_module_loads_without_torch(tree, monkeypatch):
+    """PyTorch is imported inside functions only, so Slicer can load the module and show its panel before
+    PyTorch is installed: at the top, DeepRegister.py imports only the library's torch-free MRML logic,
+    options and resource lookup."""
     for statement in tree.body:
         if isinstance(statement, ast.Import):
             names = [alias.name for alias in statement.names]
@@ -225,8 +246,20 @@ def test_module_loads_without_torch(tree):
         else:
             continue
         for name in names:
-            assert name.split(".")[0] not in ("torch", "DeepRegisterLib", "safetensors", "numpy"), \
-                f"top-level import of {name} in DeepRegister.py"
+            assert name.split(".")[0] not in ("torch", "safetensors"), f"top-level import of {name} in DeepRegister.py"
+            assert name.split(".")[0] != "DeepRegisterLib" or name in TORCH_FREE_MODULES, name
+    def library():
+        return [name for name in sys.modules if name.split(".")[0] == "DeepRegisterLib"]
+
+    monkeypatch.setitem(sys.modules, "torch", None)  # any import of torch now fails
+    for name in library():
+        monkeypatch.delitem(sys.modules, name)  # imported again below, without torch
+    try:
+        loaded = load_module(monkeypatch)
+        assert loaded.DeepRegisterLogic().scene is not None
+    finally:
+        for name in library():  # the copies imported here; monkeypatch puts the earlier ones back
+            del sys.modules[name]
 
 
 def test_widget_loads_the_ui_file_through_resource_path(source):
@@ -419,11 +452,11 @@ class StandInLogic:
     """Slicer's ScriptedLoadableModuleLogic.getParameterNode (v5.8.1 and v5.10.0): one singleton
     vtkMRMLScriptedModuleNode per module in the application's scene, kept (but reset) when the scene closes."""
 
-    isSingletonParameterNode = True
-
     def __init__(self, parent=None):
+        super().__init__()  # as Slicer's: cooperative, so the module's logic must list it last among its bases
         name = type(self).__name__
         self.moduleName = name[:-len("Logic")] if name.endswith("Logic") else name
+        self.isSingletonParameterNode = True
 
     def getParameterNode(self):
         import slicer
@@ -444,6 +477,11 @@ class StandInLogic:
 @pytest.fixture
 def module(monkeypatch):
     """DeepRegister.py imported with slicer-core plus stand-ins for what only the Slicer application has."""
+    return load_module(monkeypatch)
+
+
+def load_module(monkeypatch):
+    """Imports DeepRegister.py as the ``module`` fixture does (the stand-ins undone by ``monkeypatch``)."""
     import unittest
 
     slicer = pytest.importorskip("slicer")
@@ -602,11 +640,13 @@ def test_model_choice_default_general_model_or_none(module, panel, monkeypatch):
 
 
 def test_enum_choices_match_the_library_and_the_ui(module, panel):
+    from DeepRegisterLib.display import FIELD_MODES
     from DeepRegisterLib.logic import INITIAL_POSITIONS, SIMILARITIES
 
     widget, top = panel
     assert tuple(choice.value for choice in module.Similarity) == SIMILARITIES
     assert tuple(choice.value for choice in module.InitialPosition) == INITIAL_POSITIONS
+    assert tuple(choice.value for choice in module.FieldDisplay) == FIELD_MODES
     for name, choices in (("similarityComboBox", module.Similarity), ("initialPositionComboBox", module.InitialPosition)):
         combo = top.findChild(QComboBox, name)
         # The binding refills the items with label(); the .ui shows the same ones (screenshot, Designer).
@@ -700,19 +740,23 @@ def test_panel_lists_the_installed_models_without_torch(module, panel, monkeypat
     assert sys.modules["torch"] is None  # nothing tried to import it (an import would have raised)
 
 
-def test_texts_state_the_model_cards_defaults(ui_xml, source):
-    """The .ui's iterations texts and the module's say what the engine does: each card's
-    finetune_iterations, DEFAULT_ITERATIONS_WITHOUT_MODEL without a model."""
+def test_texts_state_the_model_cards_defaults(ui_xml, module):
+    """The iterations texts say what the engine does: each card's finetune_iterations and
+    DEFAULT_ITERATIONS_WITHOUT_MODEL without a model. The panel writes them from the cards and the engine's
+    constant; the .ui's own texts name no number, so they cannot go stale."""
     cards = shipped_cards()
     assert {name: card["finetune_iterations"] for name, card in cards.items()} == {"generic": 100, "mrus": 100}
-    engine = (ROOT / "DeepRegister" / "DeepRegisterLib" / "registration.py").read_text(encoding="utf-8")
-    without = int(re.search(r"^DEFAULT_ITERATIONS_WITHOUT_MODEL = (\d+)", engine, re.M).group(1))
-    assert re.search(rf"^DEFAULT_ITERATIONS_WITHOUT_MODEL = {without}\b", source, re.M)
+    from DeepRegisterLib import registration
+
+    without = registration.DEFAULT_ITERATIONS_WITHOUT_MODEL
+    assert module.DEFAULT_ITERATIONS_WITHOUT_MODEL == without
     spin = ui_widgets(ui_xml)["iterationsSpinBox"][1]
-    assert ui_property(spin, "specialValueText") == f"Default ({cards['generic']['finetune_iterations']})"
-    tooltip = ui_property(spin, "toolTip")
-    assert f"{without} without a model" in tooltip
-    assert "100 for generic and for mrus" in tooltip
+    assert ui_property(spin, "specialValueText") == "Default"
+    assert not re.search(r"\d", ui_property(spin, "toolTip"))
+    tooltip = module.iterationsToolTip([fake_card(name, card["finetune_iterations"]) for name, card in cards.items()])
+    assert f"{without} without a model" in tooltip and "100 for generic, 100 for mrus" in tooltip
+    docstring = module.DeepRegisterParameterNode.__doc__
+    assert not re.search(r"\b(100|150)\b", docstring), "the parameter node's docstring states no default"
 
 
 def test_translated_texts_are_literals(tree):

@@ -1,8 +1,9 @@
 """Evaluate a model end to end through ``register()`` on pairs it never trained on.
 
-    python -m training.evaluate --model PATH --kind mrus     [--iterations 0 50] [--json OUT]
-    python -m training.evaluate --model PATH --kind generic  [--iterations 0 40] [--median-mm 3] [--pairs 4] [--json OUT]
-    python -m training.evaluate --kind mrus-references                            [--json OUT]
+    python -m deepregister_training.evaluate --model PATH --kind mrus     [--iterations 0 50] [--json OUT]
+    python -m deepregister_training.evaluate --model PATH --kind generic  [--iterations 0 40] [--median-mm 3]
+        [--pairs 4] [--json OUT]
+    python -m deepregister_training.evaluate --kind mrus-references                            [--json OUT]
     (mrus kinds: [--split held-out|training] [--max-pairs N])
 
 ``mrus``: the held-out mrus_sim pairs of the training split (config seed and size), centres
@@ -10,8 +11,9 @@ aligned first; median landmark-centroid TRE, median gland Dice, folding. ``gener
 held-out MNI152 T1 (128^3 at 1 mm around its centre) through smooth synthetic fields (median
 displacement 3 mm inside the brain, or ``--median-mm``), monomodal and with an ultrasound-like moving image; median TRE at
 landmarks inside the brain, seconds per pair. ``mrus-references``: what the held-out mrus pairs
-allow without a model (:func:`training.studies.mrus_references.mrus_references`; the research probes
-behind it, blob contrast, patch correlations and label registration, live in ``training.studies``).
+allow without a model (:func:`deepregister_training.studies.mrus_references.mrus_references`; the
+research probes behind it, blob contrast, patch correlations and label registration, live in
+``deepregister_training.studies``).
 """
 
 from __future__ import annotations
@@ -39,13 +41,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 def centroids(labels: sitk.Image, channels: slice = slice(1, None)) -> np.ndarray:
     """Physical centroids (C', 3) of ``channels`` (default the landmarks 1..) of a 4D label image
-    (LPS mm), each channel thresholded at 0.5 (:func:`training.data.label_centroids` on its grid)."""
+    (LPS mm), each channel thresholded at 0.5 (:func:`deepregister_training.data.label_centroids` on its grid)."""
     masks = torch.from_numpy(sitk.GetArrayFromImage(labels)[channels] > 0.5).float()
     return label_centroids(masks, Grid.from_image(labels[:, :, :, 0])).double().numpy()
 
 
 def __getattr__(name: str):
-    """``training.evaluate.mrus_references`` (its former home), loaded from ``training.studies`` on use."""
+    """``deepregister_training.evaluate.mrus_references`` (its former home), loaded from
+    ``deepregister_training.studies`` on use."""
     if name == "mrus_references":
         from .studies.mrus_references import mrus_references
 

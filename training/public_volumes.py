@@ -1,6 +1,6 @@
 """Fetch the MNI152 2009a template volumes that ship inside nilearn's wheel (no nilearn install).
 
-    python -m training.public_volumes [--out training/data_cache]
+    python -m deepregister_training.public_volumes [--out training/data_cache]
 
 Runs ``pip download --no-deps nilearn==0.14.1`` and extracts the T1, grey- and white-matter
 volumes; used as real anatomy for the synthetic-deformation (generic) training and its held-out

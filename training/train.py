@@ -1,8 +1,8 @@
 """Train a DeepRegister network from a YAML config; export the best checkpoint as a model.
 
-    python -m training.train --config training/configs/NAME.yaml [--max-steps N] [--out DIR]
+    python -m deepregister_training.train --config training/configs/NAME.yaml [--max-steps N] [--out DIR]
                              [--resume CKPT] [--data FOLDER_OR_CSV] [--export-to MODELS_DIR]
-    torchrun --nproc_per_node N -m training.train --config ...   # DistributedDataParallel
+    torchrun --nproc_per_node N -m deepregister_training.train --config ...   # DistributedDataParallel
 
 Methods (config ``method``): ``weakly_supervised`` (labels are loss targets, never inputs),
 ``unsupervised`` (image similarity, joint-saliency design), ``synthetic_supervised`` (RegNet:

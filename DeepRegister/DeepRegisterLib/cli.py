@@ -42,9 +42,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from .models import DEFAULT_MODEL as DEFAULT_MODEL_NAME  # models and options load no torch
-from .options import INITIAL_POSITIONS
+from .options import DEFAULT_ITERATIONS_WITHOUT_MODEL, INITIAL_POSITIONS
 from .options import SIMILARITY_CHOICES as SIMILARITIES
 from .progress import ProgressBar  # standard library only
+from .resources import sample_data_dir  # standard library only
 
 if TYPE_CHECKING:  # imported where needed: see the module docstring
     import SimpleITK as sitk
@@ -52,7 +53,7 @@ if TYPE_CHECKING:  # imported where needed: see the module docstring
     from .landmarks import Landmarks
     from .registration import RegistrationResult
 
-SAMPLE_DATA = Path(__file__).resolve().parents[2] / "Resources" / "SampleData"
+SAMPLE_DATA = sample_data_dir()
 EXIT_OK, EXIT_BAD_INPUT, EXIT_WARNINGS, EXIT_CANCELLED = 0, 2, 3, 130
 MODEL_HELP = (f"model name (see `deepregister models`), model folder, or `none` (no network: fine-tuning on "
               f"the pair alone); default: `{DEFAULT_MODEL_NAME}`, the best general model, when installed, "
@@ -499,8 +500,8 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     def engine_options(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--model", help=MODEL_HELP)
         sub.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-        sub.add_argument("--iterations", type=int, help="fine-tuning steps on this pair "
-                                                        "(default: the model card's, 150 without a model)")
+        sub.add_argument("--iterations", type=int, help="fine-tuning steps on this pair (default: the model card's, "
+                                                        f"{DEFAULT_ITERATIONS_WITHOUT_MODEL} without a model)")
         sub.add_argument("--similarity", default="auto", choices=SIMILARITIES,
                          help="fine-tuning similarity: mutual information, MIND-SSC or local normalised "
                               "cross-correlation (default auto: the model card's)")

@@ -6,18 +6,18 @@ result = logic.register(fixedVolumeNode, movingVolumeNode, fixedMaskNode=segment
 result.transformNode      # TransformFromParent maps fixed RAS -> moving RAS
 result.warnings           # non-empty: not a plain success (e.g. the guard kept an earlier stage)
 table = logic.measureTRE(fixedLandmarksNode, movingLandmarksNode, result.transformNode)
-logic.showResults(result)
+logic.showResults(result)                # inherited from display.ResultDisplay
 logic.hardenTransform(result)            # the moving volume resampled as shown; the transform is kept
 logic.saveResults(result, folder, table) # transform.h5, saliency.nii.gz, warped.nii.gz, tre.csv
 ```
 
-Bad input raises :class:`LogicError` and leaves the scene (and the disk) as it was.
+The Slicer module's ``DeepRegisterLogic`` is this class on the application's scene. Bad input raises
+:class:`LogicError` and leaves the scene (and the disk) as it was.
 """
 
 from __future__ import annotations
 
 import csv
-import math
 import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -27,16 +27,16 @@ import SimpleITK as sitk
 import vtk
 
 from . import mrml
-from .colors import colormap
+from .display import ResultDisplay
 from .imageio import InputError
+from .landmarks import tre, tre_summary
+from .mrml import LogicError
 from .options import INITIAL_POSITIONS
 from .options import SIMILARITY_CHOICES as SIMILARITIES
 
 if TYPE_CHECKING:
     from .progress import ProgressCallback
 
-FIELD_MODES = ("off", "glyphs", "grid", "contours")
-SALIENCY_COLORMAP_NAME = "DeepRegister saliency (inferno)"
 NO_MODEL = "none"  # model name meaning "no trained network: fine-tuning on the pair alone" (as on the command line)
 # Attribute of the output transform node: the registration's start (fixed -> moving RAS, 16 numbers, row by
 # row), so "Before" TRE is measured from where the registration started (e.g. with image centres aligned).
@@ -44,10 +44,8 @@ INITIAL_TRANSFORM_ATTRIBUTE = "DeepRegister.InitialTransform"
 # What saveResults writes into the chosen folder (the warped volume and the TRE table only when there are some).
 RESULT_FILES = {"transform": "transform.h5", "saliency": "saliency.nii.gz", "warped": "warped.nii.gz",
                 "tre": "tre.csv"}
-
-
-class LogicError(ValueError):
-    """Input the logic cannot work with; the message is meant for the person at the console."""
+BEFORE_FROM_START_ATTRIBUTE = "DeepRegister.BeforeFromStart"  # of a TRE table: "1" = Before from the start
+TRE_STATISTICS = ("Mean", "Std", "Median", "Max")  # a TRE table's rows after the pairs: landmarks.tre_summary's
 
 
 class ResultFilesExist(LogicError):
@@ -132,14 +130,12 @@ def _mask_image(maskNode, volumeNode, role: str, volumeImage: sitk.Image, messag
     return image
 
 
-class RegistrationLogic:
-    """Registration, TRE measurement and result display on an MRML scene."""
-
-    def __init__(self, scene) -> None:
-        self.scene = scene
+class RegistrationLogic(ResultDisplay):
+    """Registration, result files and TRE measurement on the MRML scene ``scene``; the result display
+    (showResults, setSaliencyOpacity, setFieldDisplay) is inherited from :class:`ResultDisplay`."""
 
     # -- registration --------------------------------------------------------------------------
-    def register(self, fixedVolumeNode, movingVolumeNode, model: str | None = None, device: str = "auto",
+    def register(self, fixedVolumeNode, movingVolumeNode, model: str | None = "", device: str = "auto",
                  iterations: int | None = None, progress: "ProgressCallback | None" = None,
                  outputTransformNode=None, saliencyNode=None, warpedNode=None,
                  createWarped: bool = False, *, fixedMaskNode=None, movingMaskNode=None,
@@ -147,7 +143,8 @@ class RegistrationLogic:
                  initial: str = "auto") -> MRMLRegistrationResult:
         """Register the moving volume to the fixed one; the moving volume is put under the new transform.
 
-        ``model``: a model name or folder; None or "none" for fine-tuning on the pair alone.
+        ``model``: a model name or folder; None or "none" for fine-tuning on the pair alone; "" (no choice)
+        as :meth:`resolveModel` reads it.
         ``fixedMaskNode``, ``movingMaskNode``: where each volume holds data worth comparing: a label map
         (or scalar volume; nonzero = inside) or a segmentation (the union of its segments). A mask on
         another grid than its volume is resampled onto it (nearest neighbour, in physical space).
@@ -167,8 +164,7 @@ class RegistrationLogic:
             raise LogicError(f"Unknown similarity '{similarity}': use one of {', '.join(SIMILARITIES)}.")
         if initial not in INITIAL_POSITIONS:
             raise LogicError(f"Unknown initial position '{initial}': use one of {', '.join(INITIAL_POSITIONS)}.")
-        if isinstance(model, str) and model.strip().lower() in ("", NO_MODEL):
-            model = None
+        model = None if model is None else self.resolveModel(model)
         for node, role in ((outputTransformNode, "output transform"), (saliencyNode, "saliency volume"),
                            (warpedNode, "warped volume")):
             if node is not None and node in (fixedVolumeNode, movingVolumeNode):
@@ -224,6 +220,12 @@ class RegistrationLogic:
             minJacobian=result.min_jacobian, similarity=result.similarity, initial=result.initial,
             initialTransform=result.initial_transform, fixedMask=result.fixed_mask, movingMask=result.moving_mask)
 
+    def resolveModel(self, model: str) -> str | None:
+        """The model to register with: None (fine-tuning on the pair alone) for "none" and, here, for ""
+        (no choice); the Slicer module's logic reads "" as the best general model installed."""
+        model = model.strip()
+        return None if model.lower() in ("", NO_MODEL) else model
+
     # -- results -------------------------------------------------------------------------------
     def hardenTransform(self, resultOrNode):
         """Applies the registration to the moving volume for good: its voxels are resampled where the
@@ -266,6 +268,8 @@ class RegistrationLogic:
         Bad input raises :class:`LogicError` before anything is written; files are written under
         temporary names and renamed once all are complete, so a failure leaves no half-made file.
         """
+        from slicer import vtkMRMLTransformStorageNode
+
         if result is None or not isinstance(result, MRMLRegistrationResult):
             raise LogicError("No registration result to save: register first.")
         folder = os.fspath(folder) if folder is not None else ""
@@ -289,9 +293,7 @@ class RegistrationLogic:
         for kind, node in volumes:
             if node.GetImageData() is None:
                 raise LogicError(f"The volume '{node.GetName()}' holds no image data; register again.")
-        rows = None
-        if treTableNode is not None:
-            rows = self._tableRows(treTableNode)
+        rows = mrml.table_rows(treTableNode) if treTableNode is not None else None
         kinds = ["transform"] + [kind for kind, _node in volumes] + (["tre"] if rows is not None else [])
         targets = {kind: os.path.join(folder, RESULT_FILES[kind]) for kind in kinds}
         existing = [path for path in targets.values() if os.path.lexists(path)]
@@ -303,7 +305,7 @@ class RegistrationLogic:
             for kind, path in targets.items():
                 stem, extension = RESULT_FILES[kind].split(".", 1)
                 partial[kind] = os.path.join(folder, f".{stem}.deepregister-partial-{os.getpid()}.{extension}")
-            storage = self._transformStorageNode()
+            storage = vtkMRMLTransformStorageNode()
             storage.SetFileName(partial["transform"])
             if not storage.WriteData(transformNode) or not os.path.isfile(partial["transform"]):
                 raise OSError(f"writing the transform '{transformNode.GetName()}' failed")
@@ -320,31 +322,6 @@ class RegistrationLogic:
                     os.remove(path)
             raise LogicError(f"Saving the results in '{folder}' failed ({error}); nothing was written.") from None
         return targets
-
-    @staticmethod
-    def _transformStorageNode():
-        from slicer import vtkMRMLTransformStorageNode
-
-        return vtkMRMLTransformStorageNode()
-
-    @staticmethod
-    def _tableRows(tableNode) -> list[list[str]]:
-        """A table node as CSV rows (a header of column names, then values; NaN as an empty cell)."""
-        table = tableNode.GetTable() if tableNode.IsA("vtkMRMLTableNode") else None
-        if table is None or table.GetNumberOfColumns() == 0:
-            raise LogicError(f"'{tableNode.GetName()}' is not a TRE table; measure the TRE first.")
-        columns = [table.GetColumn(index) for index in range(table.GetNumberOfColumns())]
-        rows = [[column.GetName() for column in columns]]
-        for row in range(table.GetNumberOfRows()):
-            cells = []
-            for column in columns:
-                if column.IsA("vtkDataArray"):
-                    value = float(column.GetTuple1(row))
-                    cells.append("" if math.isnan(value) else repr(value))
-                else:
-                    cells.append(str(column.GetValue(row)))
-            rows.append(cells)
-        return rows
 
     @staticmethod
     def initialTransformMatrix(transformNode) -> np.ndarray | None:
@@ -379,173 +356,45 @@ class RegistrationLogic:
         if len(fixed) == 0:
             raise LogicError("Place at least one pair of landmarks.")
         initial = self.initialTransformMatrix(transformNode)
-        start = fixed if initial is None else fixed @ initial[:3, :3].T + initial[:3, 3]
-        before = np.linalg.norm(start - moving, axis=1)
-        after = None
-        if transformNode is not None:
-            transform = transformNode.GetTransformFromParent()
-            mapped = np.array([transform.TransformPoint(p) for p in fixed])
-            after = np.linalg.norm(mapped - moving, axis=1)
+        before = tre(fixed if initial is None else fixed @ initial[:3, :3].T + initial[:3, 3], moving)
+        transform = transformNode.GetTransformFromParent() if transformNode is not None else None
+        mapped = None if transform is None else np.array([transform.TransformPoint(p) for p in fixed])
+        after = None if mapped is None else tre(mapped, moving)
         ranked = after if after is not None else before
         worst = ranked >= max(np.percentile(ranked, 80), ranked.max() if len(ranked) < 5 else -np.inf)
 
         if tableNode is None:
             tableNode = self.scene.AddNewNodeByClass("vtkMRMLTableNode", self.scene.GenerateUniqueName("DeepRegister TRE"))
-        table = vtk.vtkTable()
-        columns = {}
+        table, columns = vtk.vtkTable(), {}
         for name, array_type in (("Pair", vtk.vtkStringArray), ("Label", vtk.vtkStringArray),
                                  ("Before (mm)", vtk.vtkDoubleArray), ("After (mm)", vtk.vtkDoubleArray),
                                  ("Worst", vtk.vtkStringArray)):
-            column = array_type()
-            column.SetName(name)
-            table.AddColumn(column)
-            columns[name] = column
+            columns[name] = array_type()
+            columns[name].SetName(name)
+            table.AddColumn(columns[name])
         labels = mrml.markups_labels(fixedLandmarksNode)
-        for index in range(len(fixed)):
-            self._addRow(columns, str(index + 1), labels[index], before[index],
-                         after[index] if after is not None else float("nan"), "yes" if worst[index] else "")
-        for name, statistic in (("Mean", np.mean), ("Std", np.std), ("Median", np.median), ("Max", np.max)):
-            self._addRow(columns, name, "", float(statistic(before)),
-                         float(statistic(after)) if after is not None else float("nan"), "")
+        afters = after if after is not None else np.full(len(fixed), np.nan)
+        rows = [(str(i + 1), labels[i], before[i], afters[i], "yes" if worst[i] else "") for i in range(len(fixed))]
+        summaryBefore, summaryAfter = tre_summary(before), tre_summary(after) if after is not None else {}
+        rows += [(name, "", summaryBefore[name.lower()], summaryAfter.get(name.lower(), np.nan), "")
+                 for name in TRE_STATISTICS]
+        for row in rows:
+            for column, value in zip(columns.values(), row):
+                column.InsertNextValue(float(value) if column.IsA("vtkDataArray") else value)
         tableNode.SetAndObserveTable(table)
         tableNode.SetUseColumnTitleAsColumnHeader(True)
-        # "1": Before was measured from a start other than the landmarks as placed (e.g. centres aligned).
-        tableNode.SetAttribute("DeepRegister.BeforeFromStart",
-                               "1" if initial is not None and not np.allclose(initial, np.eye(4)) else "0")
+        fromStart = initial is not None and not np.allclose(initial, np.eye(4))
+        tableNode.SetAttribute(BEFORE_FROM_START_ATTRIBUTE, "1" if fromStart else "0")
         for name in ("Before (mm)", "After (mm)"):
             tableNode.SetColumnUnitLabel(name, "mm")
         return tableNode
 
     @staticmethod
-    def _addRow(columns: dict, pair: str, label: str, before: float, after: float, worst: str) -> None:
-        columns["Pair"].InsertNextValue(pair)
-        columns["Label"].InsertNextValue(label)
-        columns["Before (mm)"].InsertNextValue(before)
-        columns["After (mm)"].InsertNextValue(after)
-        columns["Worst"].InsertNextValue(worst)
-
-    @staticmethod
     def treStatistics(tableNode) -> dict:
-        """{"before": {...}, "after": {...}} with mean, std, median and max (mm) from a TRE table."""
+        """{"before": {...}, "after": {...}}: ``landmarks.tre_summary`` (n, mean, std, median, p90, max; mm)
+        of the pairs of a TRE table; NaN after registration when the table was measured without a transform."""
         table = tableNode.GetTable()
-        pairs = table.GetColumnByName("Pair")
-        rows = {pairs.GetValue(r): r for r in range(table.GetNumberOfRows())}
-        return {stage: {name.lower(): table.GetColumnByName(column).GetValue(rows[name])
-                        for name in ("Mean", "Std", "Median", "Max")}
+        names = table.GetColumnByName("Pair")
+        pairs = [r for r in range(table.GetNumberOfRows()) if names.GetValue(r) not in TRE_STATISTICS]
+        return {stage: tre_summary([table.GetColumnByName(column).GetValue(r) for r in pairs])
                 for stage, column in (("before", "Before (mm)"), ("after", "After (mm)"))}
-
-    # -- display -------------------------------------------------------------------------------
-    def showResults(self, result: MRMLRegistrationResult, saliencyOpacity: float = 0.5,
-                    fieldDisplay: str = "glyphs") -> None:
-        """Fixed in the background, transformed moving in the foreground (50 %), joint saliency as a
-        colour overlay (label layer, inferno colours, ``saliencyOpacity``, colour legend), and the
-        displacement field in the slice views as ``fieldDisplay``."""
-        display = self._ensureDisplayNode(result.saliencyNode)
-        display.SetAndObserveColorNodeID(self.saliencyColorNode().GetID())
-        display.AutoWindowLevelOff()
-        display.SetWindowLevelMinMax(0.0, 1.0)
-        self._ensureDisplayNode(result.movingVolumeNode)
-        self._ensureDisplayNode(result.fixedVolumeNode)
-        for composite in self._compositeNodes():
-            composite.SetBackgroundVolumeID(result.fixedVolumeNode.GetID())
-            composite.SetForegroundVolumeID(result.movingVolumeNode.GetID())
-            composite.SetForegroundOpacity(0.5)
-            composite.SetLabelVolumeID(result.saliencyNode.GetID())
-        self._addColorLegend(result.saliencyNode)  # after the layers: the legend shows where its volume is
-        self.setSaliencyOpacity(saliencyOpacity)
-        self.setFieldDisplay(result.transformNode, fieldDisplay, result.fixedVolumeNode)
-
-    def setSaliencyOpacity(self, opacity: float) -> None:
-        """Opacity (0-1) of the joint saliency overlay in every slice view."""
-        for composite in self._compositeNodes():
-            composite.SetLabelOpacity(float(np.clip(opacity, 0.0, 1.0)))
-
-    def setFieldDisplay(self, transformNode, mode: str, regionNode=None) -> None:
-        """Show the displacement field in the slice views as "off", "glyphs", "grid" or "contours",
-        coloured by displacement magnitude (mm)."""
-        if mode not in FIELD_MODES:
-            raise LogicError(f"Unknown field display '{mode}': use one of {', '.join(FIELD_MODES)}.")
-        if transformNode.GetDisplayNode() is None:
-            transformNode.CreateDefaultDisplayNodes()
-        display = transformNode.GetDisplayNode()
-        if regionNode is not None:
-            display.SetAndObserveRegionNode(regionNode)
-        display.SetVisibility(mode != "off")
-        display.SetVisibility2D(mode != "off")
-        display.SetVisibility3D(False)
-        low, high = self.fieldMagnitudeRange(transformNode)
-        display.SetColorMap(self._magnitudeColors(low, high))
-        if mode == "glyphs":
-            display.SetVisualizationMode(display.VIS_MODE_GLYPH)
-            display.SetGlyphSpacingMm(8.0)
-            # The longest arrow spans about one glyph spacing, whatever the field's magnitude.
-            display.SetGlyphScalePercent(100.0 * 8.0 / max(high, 1e-3))
-        elif mode == "grid":
-            display.SetVisualizationMode(display.VIS_MODE_GRID)
-            display.SetGridSpacingMm(8.0)
-        elif mode == "contours":
-            display.SetVisualizationMode(display.VIS_MODE_CONTOUR)
-            # Six iso-magnitude levels spread over this field's range (space separated, as Slicer reads them).
-            levels = np.linspace(low, high, 8)[1:-1] if high > low else [high]
-            display.SetContourLevelsMmFromString(" ".join(f"{level:.1f}" for level in levels))
-
-    @staticmethod
-    def fieldMagnitudeRange(transformNode) -> tuple[float, float]:
-        """Smallest and largest displacement magnitude (mm) of a grid transform (0, 0 otherwise)."""
-        from vtk.util import numpy_support
-
-        transform = transformNode.GetTransformFromParent()
-        grid = transform.GetDisplacementGrid() if hasattr(transform, "GetDisplacementGrid") else None
-        if grid is None:
-            return 0.0, 0.0
-        magnitude = np.linalg.norm(numpy_support.vtk_to_numpy(grid.GetPointData().GetScalars()), axis=1)
-        return float(magnitude.min()), float(magnitude.max())
-
-    @staticmethod
-    def _magnitudeColors(low: float, high: float) -> vtk.vtkColorTransferFunction:
-        """Viridis from the smallest (dark blue) to the largest (yellow) displacement magnitude (mm)."""
-        colors = vtk.vtkColorTransferFunction()
-        for value, (r, g, b) in zip(np.linspace(low, max(high, low + 1e-3), 16), colormap("viridis", 16)):
-            colors.AddRGBPoint(value, r, g, b)
-        return colors
-
-    def saliencyColorNode(self):
-        """Inferno colours (perceptual, dark = low saliency), opacity rising from 0 at saliency 0 to 1 at
-        saliency 0.5 and above."""
-        existing = self.scene.GetFirstNodeByName(SALIENCY_COLORMAP_NAME)
-        if existing is not None:
-            return existing
-        colors = colormap("inferno", 256)
-        node = self.scene.AddNewNodeByClass("vtkMRMLColorTableNode", SALIENCY_COLORMAP_NAME)
-        node.SetTypeToUser()
-        node.SetNumberOfColors(256)
-        for index, (r, g, b) in enumerate(colors):
-            # Low saliency fades out so the overlay highlights where the alignment can be trusted.
-            node.SetColor(index, f"{index / 255:.3f}", r, g, b, min(1.0, 2.0 * index / 255))
-        node.SetAttribute("Category", "DeepRegister")
-        return node
-
-    # -- helpers -------------------------------------------------------------------------------
-    def _compositeNodes(self) -> list:
-        nodes = self.scene.GetNodesByClass("vtkMRMLSliceCompositeNode")
-        return [nodes.GetItemAsObject(i) for i in range(nodes.GetNumberOfItems())]
-
-    @staticmethod
-    def _ensureDisplayNode(volumeNode):
-        if volumeNode.GetDisplayNode() is None:
-            volumeNode.CreateDefaultDisplayNodes()
-        return volumeNode.GetDisplayNode()
-
-    def _addColorLegend(self, volumeNode) -> None:
-        from slicer import vtkMRMLColorLegendDisplayNode, vtkSlicerColorLogic
-
-        if not self.scene.IsNodeClassRegistered("vtkMRMLColorLegendDisplayNode"):  # headless scenes
-            self.scene.RegisterNodeClass(vtkMRMLColorLegendDisplayNode())
-        legend = vtkSlicerColorLogic.AddDefaultColorLegendDisplayNode(volumeNode)
-        if legend is not None:
-            legend.SetTitleText("Joint saliency")
-            legend.SetLabelFormat("%.2f")
-            legend.SetVisibility(True)
-            legend.SetVisibility2D(True)
-            legend.SetSize(0.15, 0.4)
-            legend.Modified()

@@ -2,7 +2,8 @@
 
 A model is a folder ``<name>/`` holding ``model.json`` (the card) and ``model.safetensors``
 (the weights). Folders are searched in ``$DEEPREGISTER_MODEL_PATH`` (``os.pathsep``
-separated), then in the extension's ``Resources/Models``. Loading never unpickles: weights
+separated), then in the bundled ``Resources/Models`` (:func:`DeepRegisterLib.resources.models_dir`:
+package data, the Slicer module's or the source checkout's folder). Loading never unpickles: weights
 are read with safetensors, which stores tensors only.
 """
 
@@ -14,13 +15,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .resources import models_dir
+
 if TYPE_CHECKING:  # torch is only needed to load weights: listing models stays light
     import torch
 
 CARD_FILE = "model.json"
 WEIGHTS_FILE = "model.safetensors"
 DEFAULT_MODEL = "generic"  # the best general model (any modality pair): used when none is named
-_PACKAGE_DIR = Path(__file__).resolve().parent
 
 
 class ModelError(ValueError):
@@ -58,11 +60,9 @@ class ModelCard:
 
 
 def model_search_path() -> list[Path]:
-    """Folders searched for named models, in order."""
+    """Folders searched for named models, in order: ``$DEEPREGISTER_MODEL_PATH``, then the bundled models."""
     paths = [Path(p) for p in os.environ.get("DEEPREGISTER_MODEL_PATH", "").split(os.pathsep) if p]
-    # Source tree (DeepRegister/DeepRegisterLib -> Resources) and installed Slicer module layout.
-    paths += [_PACKAGE_DIR.parents[1] / "Resources" / "Models", _PACKAGE_DIR.parent / "Resources" / "Models"]
-    return paths
+    return [*paths, models_dir()]
 
 
 def read_card(folder: Path) -> ModelCard:

@@ -6,12 +6,19 @@ or vector flips the sign of x and y: ``FLIP @ p``. Needs slicer-core (``import s
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import SimpleITK as sitk
 import vtk
 from vtk.util import numpy_support
 
 FLIP = np.diag([-1.0, -1.0, 1.0])
+
+
+class LogicError(ValueError):
+    """Input the MRML logic (logic.py, display.py) cannot work with; the message is meant for the person
+    at the console."""
 
 
 def ijk_to_ras(node) -> np.ndarray:
@@ -99,6 +106,25 @@ def markups_points_ras(node) -> np.ndarray:
 
 def markups_labels(node) -> list[str]:
     return [node.GetNthControlPointLabel(i) for i in range(node.GetNumberOfControlPoints())]
+
+
+def table_rows(table_node) -> list[list[str]]:
+    """A table node as CSV rows (a header of column names, then values; NaN as an empty cell)."""
+    table = table_node.GetTable() if table_node.IsA("vtkMRMLTableNode") else None
+    if table is None or table.GetNumberOfColumns() == 0:
+        raise LogicError(f"'{table_node.GetName()}' is not a TRE table; measure the TRE first.")
+    columns = [table.GetColumn(index) for index in range(table.GetNumberOfColumns())]
+    rows = [[column.GetName() for column in columns]]
+    for row in range(table.GetNumberOfRows()):
+        cells = []
+        for column in columns:
+            if column.IsA("vtkDataArray"):
+                value = float(column.GetTuple1(row))
+                cells.append("" if math.isnan(value) else repr(value))
+            else:
+                cells.append(str(column.GetValue(row)))
+        rows.append(cells)
+    return rows
 
 
 def vtk_matrix(matrix: np.ndarray) -> vtk.vtkMatrix4x4:

@@ -16,14 +16,13 @@ from .finetune import Pyramid, fine_tune, organ_maps
 from .imageio import InputError, check_volume
 from .masks import resolve_masks
 from .models import ModelCard, load_model
-from .options import INITIAL_POSITIONS, SIMILARITIES
+from .options import DEFAULT_ITERATIONS_WITHOUT_MODEL, INITIAL_POSITIONS, SIMILARITIES
 from .preprocess import (FINETUNE_GRID_VOXELS, MIN_OVERLAP, PairInputs, finetune_grid, judge_grid, model_grid,
                          physical_overlap, start_position)
 # RegistrationCancelled: re-exported (DeepRegisterLib.RegistrationCancelled, older imports)
 from .progress import ProgressCallback, RegistrationCancelled, report_progress  # noqa: F401
 from .spatial import Grid
 
-DEFAULT_ITERATIONS_WITHOUT_MODEL = 150  # fine-tuning steps without a trained model
 
 
 @dataclass

@@ -31,9 +31,9 @@ import SimpleITK as sitk
 from DeepRegisterLib.landmarks import Landmarks, write_fcsv
 from DeepRegisterLib.spatial import Grid
 from DeepRegisterLib.synthetic import deformed_pair
-from training.data import pairs_from_folder, split
-from training.evaluate import centroids
-from training.public_volumes import fetch
+from deepregister_training.data import pairs_from_folder, split
+from deepregister_training.evaluate import centroids
+from deepregister_training.public_volumes import fetch
 
 REPO = Path(__file__).resolve().parents[2]
 FIELDS = ["name", "kind", "modality", "fixed", "moving", "fixed_labels", "moving_labels",

@@ -144,7 +144,7 @@ class Volumes:
 
     @classmethod
     def mni152(cls) -> "Volumes":
-        from training.public_volumes import fetch
+        from deepregister_training.public_volumes import fetch
 
         t1, gm, wm = (sitk.ReadImage(str(path), sitk.sitkFloat32) / 255.0 for path in fetch())
         return cls(t1, gm, wm)

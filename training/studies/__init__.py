@@ -1,6 +1,6 @@
 """Research probes of the training data, not part of the held-out evaluation (training/evaluate.py).
 
-``mrus_references``: what the simulated MR/TRUS pairs allow without a model (``python -m training.evaluate
---kind mrus-references``): landmark visibility (blob contrast), local image correspondence (patch
+``mrus_references``: what the simulated MR/TRUS pairs allow without a model (``python -m
+deepregister_training.evaluate --kind mrus-references``): landmark visibility (blob contrast), local image correspondence (patch
 correlations) and the gland labels registered to each other.
 """

@@ -1,5 +1,5 @@
 """What the simulated MR/TRUS pairs allow without a model: the ``--kind mrus-references`` study of
-``python -m training.evaluate`` (:func:`mrus_references`) and its probes (:func:`blob_contrast`,
+``python -m deepregister_training.evaluate`` (:func:`mrus_references`) and its probes (:func:`blob_contrast`,
 :func:`patch_correlations`, :func:`gland_label_registration`).
 """
 
