@@ -8,7 +8,8 @@ OMP ?= 2
 
 $(BIN)/deepregister: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
+	# setuptools: the build backend Testing/test_wheel.py builds the wheel with, offline (PEP 639 licence field: >= 77).
+	$(BIN)/pip install --quiet --upgrade pip "setuptools>=77"
 	# torch first with an exact pin: a looser request pulls a multi-GB CUDA build (see README).
 	$(BIN)/pip install --quiet -c constraints.txt torch
 	$(BIN)/pip install --quiet -c constraints.txt -e ".[test,bench]"
