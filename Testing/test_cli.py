@@ -946,13 +946,13 @@ def test_benchmark_help_still_lists_its_options() -> None:
 
 _POLICY = """
 import os, subprocess, sys, time
-from DeepRegisterLib import cli
+from DeepRegisterLib import cpuload
 busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(int(sys.argv[1]))]
 try:
     time.sleep(0.2)  # the spinning processes have started
-    probe = cli.CpuProbe()
+    probe = cpuload.CpuProbe()
     time.sleep(0.4)  # as if reading the inputs
-    print("POLICY", cli.choose_openmp_wait_policy(probe))
+    print("POLICY", cpuload.choose_openmp_wait_policy(probe))
     print("ENV", os.environ.get("OMP_WAIT_POLICY"))
 finally:
     for process in busy:
