@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 
-from DeepRegisterLib import guard, preprocess, registration
+from DeepRegisterLib import guard, preprocess, registration, spatial
 from DeepRegisterLib.imageio import InputError, read_image
 from DeepRegisterLib.landmarks import tre
 from DeepRegisterLib.masks import detect_field_of_view
@@ -156,14 +157,48 @@ def test_guard_refuses_a_folding_stage() -> None:
     assert kept is organs[1] and "organ outlines overlap less (soft Dice 0.800 -> 0.750)" in warnings[0]
 
 
+def test_guard_accepts_a_moderate_gain_only_from_a_plausible_field() -> None:
+    start = guard.StageScore("start", mind=0.1, mi=-0.5, folding_percent=0.0)
+    moderate = guard.StageScore("deformable", mind=0.085, mi=-0.6, folding_percent=0.0, volume_change_percent=0.0)
+    assert guard.choose([start, moderate]) == (moderate, [])  # 15 % better, nothing shrunk or grown threefold
+    rough = guard.StageScore("deformable", mind=0.085, mi=-0.6, folding_percent=0.0, volume_change_percent=5.0)
+    kept, warnings = guard.choose([start, rough])
+    assert kept is start and "did not clearly improve" in warnings[0]
+    clear = guard.StageScore("deformable", mind=0.07, mi=-0.6, folding_percent=0.0, volume_change_percent=5.0)
+    assert guard.choose([start, clear]) == (clear, [])  # 30 % better: some large volume change is tolerated
+    implausible = guard.StageScore("deformable", mind=0.05, mi=-1.2, folding_percent=0.0, volume_change_percent=45.0)
+    kept, warnings = guard.choose([start, implausible])
+    assert kept is start and "shrinks or grows 45 % of the compared tissue more than 3-fold" in warnings[0]
+
+
+def test_judge_counts_voxels_whose_volume_changes_threefold() -> None:
+    generator = torch.Generator().manual_seed(0)
+    grid = Grid.centered((0.0, 0.0, 0.0), (24, 24, 24), (2.0, 2.0, 2.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    image = torch.rand(1, 1, *grid.shape, generator=generator)
+    ones = torch.ones_like(image)
+    judge = guard.StageJudge(image, image, ones, ones, grid)
+    points = spatial.physical_points(grid).permute(3, 0, 1, 2).unsqueeze(0)  # (1, 3, Z, Y, X) mm
+    shift = torch.zeros_like(points) + torch.tensor([2.0, -1.0, 0.5]).view(1, 3, 1, 1, 1)
+    halved = points * torch.tensor([-0.5, 0.0, 0.0]).view(1, 3, 1, 1, 1)  # x scaled by 0.5: volume halved
+    crushed = points * torch.tensor([-0.8, 0.0, 0.0]).view(1, 3, 1, 1, 1)  # x scaled by 0.2: five-fold smaller
+    scores = {name: judge.score(name, field, 0.0).volume_change_percent
+              for name, field in (("shift", shift), ("halved", halved), ("crushed", crushed))}
+    assert scores["shift"] == 0.0 and scores["halved"] == 0.0
+    assert scores["crushed"] == pytest.approx(100.0)
+
+
 @pytest.mark.skipif(not MRUS.is_dir(), reason="needs ../shared/data/mrus_sim")
 def test_no_folding_on_a_real_mr_to_trus_pair_without_a_model() -> None:
     """Large, non-smooth intensity differences (simulated MR against TRUS, no network): before
-    issue #20 this left 20 % folding voxels."""
+    issue #20 this left 20 % folding voxels. Fine-tuning fits noise there: its field shrinks and grows
+    tissue threefold on far more than MAX_VOLUME_CHANGE_PERCENT of the compared voxels, and is refused."""
     fixed = read_image(MRUS / "fixed_images" / "obs004.nii.gz")
     moving = read_image(MRUS / "moving_images" / "obs004.nii.gz")
     result = registration.register(fixed, moving, device="cpu")
     assert result.folding_percent <= guard.MAX_FOLDING_PERCENT and result.min_jacobian > 0
+    deformable = result.stages[-1]
+    assert deformable["stage"] == "deformable" and not deformable["accepted"]
+    assert deformable["volume_change_percent"] > guard.MAX_VOLUME_CHANGE_PERCENT
 
 
 def test_similarity_mind_registers_an_ultrasound_like_pair(navigated_fan_pair) -> None:

@@ -5,8 +5,12 @@ deformable field) is scored inside the masks by two similarities that fail diffe
 MIND-SSC descriptors compared by SSD (local self-similarity: robust to intensity mappings
 and to an empty region's edge) and Mattes mutual information (global histogram). A stage is
 kept when it improves MIND clearly (by MIN_MIND_GAIN: on images that say little about the
-alignment, both similarities improve a little whatever the field does) and neither MIND nor MI
-gets worse, and its field does not fold. For models with organ segmenters the
+alignment, both similarities improve a little whatever the field does), or moderately (by
+MODERATE_MIND_GAIN) with a plausible field, neither MIND nor MI gets worse, and its field does not
+fold. A field is plausible when it changes the volume of almost no judged voxel beyond
+MAX_VOLUME_RATIO; fitting noise on images that say little about the alignment shrinks and grows
+tissue, and a stage that does so on more than MAX_VOLUME_CHANGE_PERCENT of them is refused whatever
+the similarities say. For models with organ segmenters the
 overlap of the network's organ maps judges instead of the intensities: on images whose
 intensities say little about the organ (MR against TRUS) it is the signal the model was
 trained to find.
@@ -31,6 +35,10 @@ MIND_DILATION = 2  # voxels of the judge's grid between the descriptor's neighbo
 MIND_REACH = 4  # voxels a descriptor sees (dilation + patch): masks are eroded by this for judging
 ORGAN_TOLERANCE = 0.01  # soft Dice of the organ maps a stage may lose
 MIN_MIND_GAIN = 0.2  # relative MIND decrease that counts as a clear improvement
+MODERATE_MIND_GAIN = 0.1  # relative MIND decrease accepted from a plausible field (see MAX_PLAUSIBLE_CHANGE_PERCENT)
+MAX_VOLUME_RATIO = 3.0  # a field that shrinks or grows tissue beyond this factor changes its volume implausibly
+MAX_PLAUSIBLE_CHANGE_PERCENT = 1.0  # judged voxels with implausible volume change in a plausible field, at most
+MAX_VOLUME_CHANGE_PERCENT = 20.0  # a stage whose field changes the volume of more judged voxels implausibly is refused
 
 
 def erode(mask: torch.Tensor, voxels: int) -> torch.Tensor:
@@ -52,12 +60,14 @@ class StageScore:
     mind: float
     mi: float
     folding_percent: float
+    volume_change_percent: float = 0.0  # judged voxels whose volume the field changes by more than MAX_VOLUME_RATIO
     organ_dice: float | None = None  # soft Dice of the fixed and warped moving organ maps, when a model gives them
     accepted: bool = False
 
     def as_dict(self) -> dict:
         return {"stage": self.stage, "score": self.mind, "mind": self.mind, "mi": self.mi,
-                "organ_dice": self.organ_dice, "folding_percent": self.folding_percent, "accepted": self.accepted}
+                "organ_dice": self.organ_dice, "folding_percent": self.folding_percent,
+                "volume_change_percent": self.volume_change_percent, "accepted": self.accepted}
 
 
 class StageJudge:
@@ -103,19 +113,29 @@ class StageJudge:
         weight = self.fixed_mask * (mask > 0.5)
         mind = float(mind_loss(self.fixed_descriptors, descriptors, weight))
         mi = float(mutual_information_loss(self.fixed, image, weight=weight))
+        judged = weight[:, 0] > 0
+        determinant = spatial.jacobian_determinant(displacement, self.grid)
+        extreme = (determinant < 1.0 / MAX_VOLUME_RATIO) | (determinant > MAX_VOLUME_RATIO)
+        volume_change = float((extreme & judged).sum() * 100.0 / judged.sum().clamp(min=1))
         organ_dice = None
         if self.organs is not None:
             warped_organ = spatial.warp(self.organs[1], displacement, self.grid)
             organ_dice = float(soft_dice(self.organs[0], warped_organ)[0])
-        return StageScore(stage, mind, mi, folding_percent, organ_dice)
+        return StageScore(stage, mind, mi, folding_percent, volume_change, organ_dice)
 
 
 def verdict(candidate: StageScore, best: StageScore) -> str:
     """Why ``candidate`` cannot replace ``best``, or "" when it can: it must not fold beyond
-    MAX_FOLDING_PERCENT; with organ maps on both, not lose more than ORGAN_TOLERANCE of their soft
-    Dice; else MIND must fall by MIN_MIND_GAIN (relative) and MI not worsen by MI_TOLERANCE."""
+    MAX_FOLDING_PERCENT nor change the volume of more than MAX_VOLUME_CHANGE_PERCENT of the judged
+    voxels by more than MAX_VOLUME_RATIO; with organ maps on both, not lose more than ORGAN_TOLERANCE of
+    their soft Dice; else MI must not worsen by MI_TOLERANCE and MIND must fall by MIN_MIND_GAIN
+    (relative), or by MODERATE_MIND_GAIN when the field is plausible (at most MAX_PLAUSIBLE_CHANGE_PERCENT
+    of the judged voxels change volume beyond MAX_VOLUME_RATIO)."""
     if candidate.folding_percent > MAX_FOLDING_PERCENT:
         return f"its field folds on {candidate.folding_percent:.2f} % of the voxels"
+    if candidate.volume_change_percent > MAX_VOLUME_CHANGE_PERCENT:
+        return (f"its field shrinks or grows {candidate.volume_change_percent:.0f} % of the compared tissue more "
+                f"than {MAX_VOLUME_RATIO:g}-fold, which tissue does not do")
     if candidate.organ_dice is not None and best.organ_dice is not None:
         if candidate.organ_dice < best.organ_dice - ORGAN_TOLERANCE:
             return f"the organ outlines overlap less (soft Dice {best.organ_dice:.3f} -> {candidate.organ_dice:.3f})"
@@ -124,9 +144,11 @@ def verdict(candidate: StageScore, best: StageScore) -> str:
               f"{-candidate.mi:.4f}")
     if candidate.mind > best.mind * (1.0 + MIND_TOLERANCE) or candidate.mi > best.mi + MI_TOLERANCE * abs(best.mi):
         return f"it made the alignment worse ({change})"
-    if candidate.mind > best.mind * (1.0 - MIN_MIND_GAIN):
-        return f"it did not clearly improve the alignment ({change})"
-    return ""
+    gain = 1.0 - candidate.mind / best.mind
+    if gain >= MIN_MIND_GAIN or (gain >= MODERATE_MIND_GAIN
+                                 and candidate.volume_change_percent <= MAX_PLAUSIBLE_CHANGE_PERCENT):
+        return ""
+    return f"it did not clearly improve the alignment ({change})"
 
 
 def choose(scores: list[StageScore]) -> tuple[StageScore, list[str]]:
