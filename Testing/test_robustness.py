@@ -181,7 +181,7 @@ def test_judge_counts_voxels_whose_volume_changes_threefold() -> None:
     shift = torch.zeros_like(points) + torch.tensor([2.0, -1.0, 0.5]).view(1, 3, 1, 1, 1)
     halved = points * torch.tensor([-0.5, 0.0, 0.0]).view(1, 3, 1, 1, 1)  # x scaled by 0.5: volume halved
     crushed = points * torch.tensor([-0.8, 0.0, 0.0]).view(1, 3, 1, 1, 1)  # x scaled by 0.2: five-fold smaller
-    scores = {name: judge.score(name, field, 0.0).volume_change_percent
+    scores = {name: judge.score(name, field).volume_change_percent
               for name, field in (("shift", shift), ("halved", halved), ("crushed", crushed))}
     assert scores["shift"] == 0.0 and scores["halved"] == 0.0
     assert scores["crushed"] == pytest.approx(100.0)

@@ -103,20 +103,23 @@ class StageJudge:
         self.organs = (fixed_organ, moving_organ)
 
     @torch.no_grad()
-    def score(self, stage: str, displacement: torch.Tensor, folding_percent: float) -> StageScore:
-        """Scores of the moving image warped by ``displacement`` (1, 3, Z, Y, X) in mm on the grid."""
-        if displacement.any():
-            warped = spatial.warp(self.moving_stack, displacement, self.grid, padding_mode="border")
-        else:  # the identity: the moving image as it stands (a start position)
-            warped = self.moving_stack
+    def score(self, stage: str, displacement: torch.Tensor) -> StageScore:
+        """Scores of the moving image warped by ``displacement`` (1, 3, Z, Y, X) in mm on the grid, and the
+        field's folding and implausible volume change (from one Jacobian determinant)."""
+        identity = not displacement.any()  # a start position: the moving image as it stands
+        warped = self.moving_stack if identity else spatial.warp(self.moving_stack, displacement, self.grid,
+                                                                 padding_mode="border")
         descriptors, image, mask = warped[:, :-2], warped[:, -2:-1], warped[:, -1:]
         weight = self.fixed_mask * (mask > 0.5)
         mind = float(mind_loss(self.fixed_descriptors, descriptors, weight))
         mi = float(mutual_information_loss(self.fixed, image, weight=weight))
-        judged = weight[:, 0] > 0
-        determinant = spatial.jacobian_determinant(displacement, self.grid)
-        extreme = (determinant < 1.0 / MAX_VOLUME_RATIO) | (determinant > MAX_VOLUME_RATIO)
-        volume_change = float((extreme & judged).sum() * 100.0 / judged.sum().clamp(min=1))
+        folding_percent = volume_change = 0.0
+        if not identity:
+            determinant = spatial.jacobian_determinant(displacement, self.grid)
+            folding_percent = spatial.percent_folded(determinant)
+            judged = weight[:, 0] > 0
+            extreme = (determinant < 1.0 / MAX_VOLUME_RATIO) | (determinant > MAX_VOLUME_RATIO)
+            volume_change = float((extreme & judged).sum() * 100.0 / judged.sum().clamp(min=1))
         organ_dice = None
         if self.organs is not None:
             warped_organ = spatial.warp(self.organs[1], displacement, self.grid)

@@ -191,7 +191,7 @@ def start_position(inputs: PairInputs, judge_masks: tuple[sitk.Image | None, sit
     judges = {name: first if shift is centers else
               first.with_moving(*replace(judged, shift=shift).moving_on(grid, device))
               for name, shift in candidates.items()}
-    scores = {name: judge.score(name, zero, 0.0) for name, judge in judges.items()}
+    scores = {name: judge.score(name, zero) for name, judge in judges.items()}
     default = scores["the foreground centres aligned"]
     agreeing = [name for name, score in scores.items()
                 if score.mind < default.mind * (1.0 - CENTERS_MARGIN) and score.mi < default.mi]

@@ -209,14 +209,14 @@ def _register(fixed: sitk.Image, moving: sitk.Image, device: torch.device, model
         scores = []
         for stage in stages:
             field_small = stage_field(stage, small)
-            scores.append(judge.score(stage, field_small, spatial.folding_percent(field_small, small)))
+            scores.append(judge.score(stage, field_small))
         kept, guard_warnings = guard.choose(scores)
         saliency_grid = pyramid.saliency_level(1)[2]
         saliency_small = pyramid.joint_saliency(1, stage_field(kept.stage, saliency_grid))
         full = stage_field(kept.stage, fixed_grid)
         full = full + torch.as_tensor(shift.GetOffset(), dtype=full.dtype, device=device).view(1, 3, 1, 1, 1)
         determinant = spatial.jacobian_determinant(full, fixed_grid)
-        folding = float((determinant <= 0).double().mean() * 100.0)
+        folding = spatial.percent_folded(determinant)
         if folding > guard.MAX_FOLDING_PERCENT:
             guard_warnings.append(f"The result folds on {folding:.2f} % of the fixed image's voxels (non-positive "
                                   "Jacobian determinant): check it before relying on it.")

@@ -356,11 +356,15 @@ def jacobian_determinant(displacement: torch.Tensor, grid: Grid) -> torch.Tensor
     return determinant / float(np.linalg.det(matrix))
 
 
+def percent_folded(determinant: torch.Tensor) -> float:
+    """Percentage of voxels whose Jacobian determinant (see :func:`jacobian_determinant`) is not positive."""
+    return float((determinant <= 0).double().mean() * 100.0)
+
+
 def folding_percent(displacement: torch.Tensor, grid: Grid) -> float:
     """Percentage of voxels whose Jacobian determinant is not positive."""
     with torch.no_grad():
-        determinant = jacobian_determinant(displacement, grid)
-    return float((determinant <= 0).double().mean() * 100.0)
+        return percent_folded(jacobian_determinant(displacement, grid))
 
 
 def displacement_to_sitk(displacement: torch.Tensor, grid: Grid) -> sitk.Image:
