@@ -575,22 +575,101 @@ def test_label_cross_entropy_config_trains(tiny_data: Path, tmp_path: Path) -> N
 
 
 def test_gland_prior_recovers_a_known_population_affine() -> None:
-    """The study's least-squares prior: landmarks moved by a known affine about the fixed gland centroid
-    plus the centroid shift are predicted exactly, and its transform maps fixed points onto moving ones."""
-    from deepregister_training.studies.gland_prior import errors, fit, mean_offset, prior_transform
+    """The least-squares prior: landmarks moved by a known affine about the fixed gland centroid plus the
+    centroid shift are predicted exactly; the study's transform and the field register() uses map fixed
+    points onto moving ones."""
+    from deepregister_training.studies.gland_prior import NONE, errors, mean_offset, prior_transform
+
+    from DeepRegisterLib.prior import GlandPrior
+    from DeepRegisterLib.spatial import Grid, physical_points
 
     rng = np.random.default_rng(3)
-    weights = np.vstack([0.05 * rng.standard_normal((3, 3)), [1.5, -2.0, 0.7]])
+    matrix, offset = 0.05 * rng.standard_normal((3, 3)), np.array([1.5, -2.0, 0.7])
     samples = []
     for _ in range(6):
         fixed_centre, moving_centre = rng.normal(0, 10, 3), rng.normal(0, 10, 3)
         fixed = fixed_centre + rng.normal(0, 15, (4, 3))
-        moving = fixed + (moving_centre - fixed_centre) + np.c_[fixed - fixed_centre, np.ones(4)] @ weights
+        moving = fixed + (moving_centre - fixed_centre) + (fixed - fixed_centre) @ matrix.T + offset
         samples.append((fixed_centre, moving_centre, fixed, moving))
-    fitted = fit(samples)
-    assert np.allclose(fitted, weights, atol=1e-9)
+    fitted = GlandPrior.fit(samples)
+    assert np.allclose(fitted.matrix, matrix, atol=1e-9) and np.allclose(fitted.offset, offset, atol=1e-9)
     assert max(errors(sample, fitted).max() for sample in samples) < 1e-6
-    assert max(errors(sample, np.zeros((4, 3))).max() for sample in samples) > 1.0  # the shift alone misses
-    assert np.allclose(mean_offset(samples)[:3], 0.0)
+    assert max(errors(sample, NONE).max() for sample in samples) > 1.0  # the shift alone misses
+    assert np.allclose(mean_offset(samples).matrix, 0.0)
     cf, cm, fixed, moving = samples[0]
     assert np.allclose(prior_transform(cf, cm, fitted).TransformPoint(fixed[1].tolist()), moving[1])
+    # the displacement register() starts from, on an oblique grid: fixed voxel + field = the prior's point
+    angle = np.radians(20.0)
+    direction = (np.cos(angle), -np.sin(angle), 0.0, np.sin(angle), np.cos(angle), 0.0, 0.0, 0.0, 1.0)
+    grid = Grid.centered(tuple(cf), (5, 6, 7), (3.0, 2.0, 4.0), direction)
+    field = fitted.displacement_on(grid, cf, cm)[0].permute(1, 2, 3, 0).double().numpy().reshape(-1, 3)
+    points = physical_points(grid, torch.float64).reshape(-1, 3).numpy()
+    expected = np.array([prior_transform(cf, cm, fitted).TransformPoint(p.tolist()) for p in points])
+    assert np.allclose(points + field, expected, atol=1e-3)
+    again = GlandPrior.from_card(fitted.to_card())  # the card's JSON entry holds it exactly
+    assert np.array_equal(again.matrix, fitted.matrix) and np.array_equal(again.offset, fitted.offset)
+
+
+def test_card_gland_prior_is_checked(tmp_path: Path) -> None:
+    """A card's gland_prior must be a 3 x 3 matrix and a 3-value offset of finite numbers."""
+    from DeepRegisterLib.models import read_card
+
+    folder = tmp_path / "mrus"
+    shutil.copytree(REPO / "Resources" / "Models" / "mrus", folder)
+    data = json.loads((folder / "model.json").read_text())
+    for bad in ({"matrix": [[1, 0], [0, 1]], "offset_mm": [0, 0, 0]}, {"matrix": [[0] * 3] * 3, "offset_mm": [0, float("nan"), 0]},
+                {"matrix": [[0] * 3] * 3}):
+        (folder / "model.json").write_text(json.dumps({**data, "gland_prior": bad}))
+        with pytest.raises(ModelError, match="gland_prior needs a 3 x 3"):
+            read_card(folder)
+    (folder / "model.json").write_text(json.dumps({**data, "gland_prior": {"matrix": [[0] * 3] * 3, "offset_mm": [1, 2, 3]}}))
+    assert read_card(folder).gland_prior["offset_mm"] == [1, 2, 3]
+
+
+@pytest.mark.skipif(not MRUS.is_dir(), reason="needs ../shared/data/mrus_sim")
+def test_gland_prior_places_the_moving_image(tmp_path: Path) -> None:
+    """With a gland prior on its card, the model's prediction is the prior from the glands its segmenters
+    find: two priors whose offsets differ by 3 mm give results 3 mm apart everywhere, the network's own
+    field is not used, and the messages say so."""
+    from deepregister_training.data import pairs_from_folder, split
+
+    _, held = split(pairs_from_folder(MRUS), 16, 0)
+    pair = held[0]
+    fixed, moving = sitk.ReadImage(str(pair.fixed)), sitk.ReadImage(str(pair.moving))
+    results = []
+    for offset in ([0.0, 0.0, 0.0], [3.0, 0.0, 0.0]):
+        folder = tmp_path / f"prior{offset[0]:g}"
+        shutil.copytree(REPO / "Resources" / "Models" / "mrus", folder)
+        data = json.loads((folder / "model.json").read_text())
+        (folder / "model.json").write_text(json.dumps({**data, "gland_prior": {"matrix": [[0.0] * 3] * 3, "offset_mm": offset}}))
+        results.append(register(fixed, moving, model=str(folder), iterations=0, device="cpu"))
+    plain = register(fixed, moving, model="mrus", iterations=0, device="cpu")
+    assert [r.kept_stage for r in results] == ["network", "network"]
+    assert any("gland-anchored motion prior" in m for m in results[0].messages)
+    centre = np.asarray(fixed.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in fixed.GetSize()]))
+    points = centre + np.random.default_rng(0).uniform(-15, 15, (20, 3))
+    mapped = [np.array([r.transform.TransformPoint(p.tolist()) for p in points]) for r in results]
+    assert np.allclose(mapped[1] - mapped[0], [3.0, 0.0, 0.0], atol=0.05)
+    own = np.array([plain.transform.TransformPoint(p.tolist()) for p in points])
+    assert np.abs(own - mapped[0]).max() > 0.5  # the network's own field differs from the centroid shift
+
+
+def test_anchor_counts_the_affine_correction_over_a_gland_sized_ball() -> None:
+    """The anchor term: mean squared displacement of the affine correction over a 20 mm ball, per 25 mm^2."""
+    from DeepRegisterLib.finetune import ANCHOR_RADIUS_MM, ANCHOR_SCALE_MM, PairDeformation
+    from DeepRegisterLib.spatial import Grid
+
+    deformation = PairDeformation(Grid.centered((0.0, 0.0, 0.0), (8, 8, 8), (2.0, 2.0, 2.0), (1, 0, 0, 0, 1, 0, 0, 0, 1)), ())
+    assert float(deformation.affine_departure().detach()) == 0.0
+    with torch.no_grad():
+        deformation.translation.copy_(torch.tensor([3.0, 4.0, 0.0]))
+    assert float(deformation.affine_departure().detach()) == pytest.approx(25.0 / ANCHOR_SCALE_MM ** 2)
+    with torch.no_grad():
+        deformation.translation.zero_()
+        deformation.matrix.copy_(0.1 * torch.eye(3))
+    # E|M x|^2 over a uniform ball of radius R is |M|_F^2 R^2 / 5; Monte Carlo check
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200000, 3))
+    x *= (ANCHOR_RADIUS_MM * rng.uniform(size=(200000, 1)) ** (1 / 3)) / np.linalg.norm(x, axis=1, keepdims=True)
+    sampled = np.mean(np.sum((x @ (0.1 * np.eye(3)).T) ** 2, axis=1)) / ANCHOR_SCALE_MM ** 2
+    assert float(deformation.affine_departure().detach()) == pytest.approx(sampled, rel=0.02)

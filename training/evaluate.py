@@ -57,17 +57,20 @@ def __getattr__(name: str):
 
 
 def evaluate_mrus(model: str, iterations: int, pairs: list[PairFiles]) -> dict:
-    errors, dices, folds, seconds = [], [], [], []
+    errors, per_pair, dices, folds, seconds = [], [], [], [], []
     for pair in pairs:
         fixed, moving = sitk.ReadImage(str(pair.fixed)), sitk.ReadImage(str(pair.moving))
         fixed_labels, moving_labels = sitk.ReadImage(str(pair.fixed_labels)), sitk.ReadImage(str(pair.moving_labels))
         start = time.perf_counter()
         result = register(fixed, moving, model=model, iterations=iterations, device="cpu")
         seconds.append(time.perf_counter() - start)
-        errors += tre(centroids(fixed_labels), centroids(moving_labels), result.transform).tolist()
+        pair_errors = tre(centroids(fixed_labels), centroids(moving_labels), result.transform)
+        errors += pair_errors.tolist()
+        per_pair.append(float(np.median(pair_errors)))
         dices.append(dice_per_label(fixed_labels[:, :, :, 0], moving_labels[:, :, :, 0], result.transform)["label 1"])
         folds.append(result.folding_percent)
     return {"pairs": len(pairs), "landmarks": len(errors), "tre_median_mm": float(np.median(errors)),
+            "tre_mean_mm": float(np.mean(errors)), "tre_per_pair_median_mm": float(np.median(per_pair)),
             "dice_median": float(np.median(dices)), "folding_percent_max": float(np.max(folds)),
             "seconds_median": float(np.median(seconds))}
 

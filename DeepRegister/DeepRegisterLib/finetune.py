@@ -31,6 +31,8 @@ COARSE_FRACTION = 0.25  # share of the fine-tuning steps run on the half-resolut
 COARSE_SAMPLE_FRACTION = 0.5  # share of the finest level's MI samples taken on the half-resolution level
 MIN_ORGAN_ML = 1.0  # smallest organ map (mL above probability 0.5) that fine-tuning follows
 INSIDE_TOLERANCE = 0.01  # share of a mask's outside that smoothing or interpolation may mix into a compared voxel
+ANCHOR_RADIUS_MM = 20.0  # the affine correction's departure is averaged over a ball of this radius (a gland's size)
+ANCHOR_SCALE_MM = 5.0  # ... and counted in units of this displacement squared (the prior's typical error)
 MIND_WEIGHT = 10.0  # MIND-SSC SSD (about 0.01-0.1 per voxel) scaled to the range of mutual information
 
 
@@ -125,6 +127,12 @@ class PairDeformation(torch.nn.Module):
         if grid not in self._interpolators:
             self._interpolators[grid] = spatial.SeparableInterpolator(self.velocity_grid, grid).to(affine.device)
         return affine + self._interpolators[grid](self.local_field())
+
+    def affine_departure(self) -> torch.Tensor:
+        """Mean squared displacement (scalar, in ANCHOR_SCALE_MM^2) of the affine correction over a
+        ball of ANCHOR_RADIUS_MM around its centre: |t|^2 + R^2 / 5 |A - I|_F^2."""
+        squared = self.translation.square().sum() + ANCHOR_RADIUS_MM ** 2 / 5.0 * self.matrix.square().sum()
+        return squared / ANCHOR_SCALE_MM ** 2
 
     def regularization(self) -> torch.Tensor:
         """Bending energy of the velocity control-point fields (unitless)."""
@@ -251,7 +259,7 @@ class Adam:
 def fine_tune(pyramid: Pyramid, initial: torch.Tensor, iterations: int,
               metric: str, progress: ProgressCallback | None = None,
               seed: int = 0, field_step_mm: float = 0.05, samples: int = 24576,
-              organ_weight: float = 0.0) -> PairDeformation:
+              organ_weight: float = 0.0, anchor_weight: float = 0.0) -> PairDeformation:
     """Optimise a :class:`PairDeformation` on the pyramid's pair from ``initial`` (1, 3, Z, Y, X mm on
     the pyramid's grid).
 
@@ -269,6 +277,9 @@ def fine_tune(pyramid: Pyramid, initial: torch.Tensor, iterations: int,
     cube root of the level's voxels / those samples). ``organ_weight``: with the pyramid's organ maps,
     adds this times (1 - soft Dice) of the fixed organ map and the warped moving one, on the same
     voxels as the similarity: it pulls the organ's outline together where intensities alone do not.
+    ``anchor_weight``: adds this times the affine correction's mean squared departure from ``initial``
+    (:meth:`PairDeformation.affine_departure`): it stays near the model's prediction (e.g. its gland
+    prior) unless the images pay for the move.
     """
     if metric not in SIMILARITIES:
         raise InputError(f"Unknown similarity '{metric}': use one of {', '.join(SIMILARITIES)}.")
@@ -345,6 +356,8 @@ def fine_tune(pyramid: Pyramid, initial: torch.Tensor, iterations: int,
                 if use_organs:
                     similarity = similarity + organ_weight * organ_loss(fixed_organ, moving_organ, coordinates)
             loss = similarity + BENDING_WEIGHT * deformation.regularization()
+            if anchor_weight > 0:
+                loss = loss + anchor_weight * deformation.affine_departure()
             loss.backward()
             optimizer.step(1.0 - (1.0 - FINAL_STEP_SCALE) * step / steps)
             done += 1

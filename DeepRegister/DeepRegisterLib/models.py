@@ -10,6 +10,7 @@ are read with safetensors, which stores tensors only.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -51,7 +52,9 @@ class ModelCard:
     finetune_step_mm: float = 0.05  # Adam step (mm) of the local field's control points at the finest level (0: affine only)
     finetune_samples: int = 24576  # MI samples per fine-tuning step (more: a less noisy gradient, a slower step)
     finetune_organ_weight: float = 0.0  # weight of 1 - soft Dice of the network's organ maps in fine-tuning (0: off)
+    finetune_anchor_weight: float = 0.0  # weight of the affine correction's departure from the prediction (0: off)
     saliency_sigma_mm: float = 1.5
+    gland_prior: dict = field(default_factory=dict)  # {"matrix": 3 x 3, "offset_mm": 3}: see DeepRegisterLib.prior
     training: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
 
@@ -80,7 +83,19 @@ def read_card(folder: Path) -> ModelCard:
         raise ModelError(f"Model card {path} does not fit this version of DeepRegister ({error}).") from None
     if len(card.input_size) != 3 or len(card.spacing_mm) != 3 or min(card.input_size) < 8:
         raise ModelError(f"Model card {path}: input_size and spacing_mm need 3 values each (x, y, z).")
+    if card.gland_prior and not _is_gland_prior(card.gland_prior):
+        raise ModelError(f"Model card {path}: gland_prior needs a 3 x 3 'matrix' and a 3-value 'offset_mm' of finite numbers.")
     return card
+
+
+def _is_gland_prior(entry: object) -> bool:
+    """A card's ``gland_prior``: a 3 x 3 ``matrix`` and a 3-value ``offset_mm`` of finite numbers."""
+    def finite(values: object, count: int) -> bool:
+        return (isinstance(values, list) and len(values) == count
+                and all(isinstance(v, (int, float)) and math.isfinite(v) for v in values))
+
+    return (isinstance(entry, dict) and isinstance(entry.get("matrix"), list) and len(entry["matrix"]) == 3
+            and all(finite(row, 3) for row in entry["matrix"]) and finite(entry.get("offset_mm"), 3))
 
 
 def default_model(cards: list[ModelCard]) -> str:

@@ -19,6 +19,7 @@ from .models import ModelCard, load_model
 from .options import DEFAULT_ITERATIONS_WITHOUT_MODEL, INITIAL_POSITIONS, SIMILARITIES
 from .preprocess import (FINETUNE_GRID_VOXELS, MIN_OVERLAP, PairInputs, finetune_grid, judge_grid, model_grid,
                          physical_overlap, start_position)
+from .prior import GlandPrior, prior_displacement
 # RegistrationCancelled: re-exported (DeepRegisterLib.RegistrationCancelled, older imports)
 from .progress import ProgressCallback, RegistrationCancelled, report_progress  # noqa: F401
 from .spatial import Grid
@@ -172,6 +173,10 @@ def _register(fixed: sitk.Image, moving: sitk.Image, device: torch.device, model
         canonical = outputs["displacement"]
         direction = torch.as_tensor(np.reshape(grid.direction, (3, 3)), dtype=canonical.dtype, device=device)
         network_field = torch.einsum("ij,bjzyx->bizyx", direction, canonical)
+        prior = GlandPrior.from_card(card.gland_prior)
+        prior_field = prior_displacement(prior, outputs, grid, messages) if prior is not None else None
+        if prior_field is not None:
+            network_field = prior_field
         initial_field = spatial.resample_field(network_field, grid, tune_grid)
         if card.finetune_organ_weight > 0 and iterations > 0:
             organs = organ_maps(outputs, grid, tune_grid, messages)
@@ -183,7 +188,7 @@ def _register(fixed: sitk.Image, moving: sitk.Image, device: torch.device, model
     if iterations > 0:
         deformation = fine_tune(pyramid, initial_field, iterations, metric, progress,
                                 field_step_mm=card.finetune_step_mm, samples=card.finetune_samples,
-                                organ_weight=card.finetune_organ_weight)
+                                organ_weight=card.finetune_organ_weight, anchor_weight=card.finetune_anchor_weight)
     timings["finetune"] = time.perf_counter() - start
 
     start = time.perf_counter()
