@@ -31,14 +31,11 @@ class GlandPrior:
 
     @classmethod
     def from_card(cls, entry: dict) -> GlandPrior | None:
-        """The prior of a card's ``gland_prior`` entry, None when the card has none; ValueError when
-        it is not a 3 x 3 ``matrix`` and a 3-vector ``offset_mm`` of finite numbers."""
+        """The prior of a card's ``gland_prior`` entry (checked by :func:`DeepRegisterLib.models.read_card`),
+        None when the card has none."""
         if not entry:
             return None
-        matrix, offset = np.asarray(entry.get("matrix"), dtype=float), np.asarray(entry.get("offset_mm"), dtype=float)
-        if matrix.shape != (3, 3) or offset.shape != (3,) or not (np.isfinite(matrix).all() and np.isfinite(offset).all()):
-            raise ValueError("gland_prior needs a 3 x 3 'matrix' and a 3-value 'offset_mm' of finite numbers")
-        return cls(matrix, offset)
+        return cls(np.asarray(entry["matrix"], dtype=float), np.asarray(entry["offset_mm"], dtype=float))
 
     def to_card(self) -> dict:
         return {"matrix": self.matrix.tolist(), "offset_mm": self.offset.tolist()}
