@@ -673,3 +673,24 @@ def test_anchor_counts_the_affine_correction_over_a_gland_sized_ball() -> None:
     x *= (ANCHOR_RADIUS_MM * rng.uniform(size=(200000, 1)) ** (1 / 3)) / np.linalg.norm(x, axis=1, keepdims=True)
     sampled = np.mean(np.sum((x @ (0.1 * np.eye(3)).T) ** 2, axis=1)) / ANCHOR_SCALE_MM ** 2
     assert float(deformation.affine_departure().detach()) == pytest.approx(sampled, rel=0.02)
+
+
+@pytest.mark.skipif(not MRUS.is_dir(), reason="needs ../shared/data/mrus_sim")
+def test_gland_prior_tool_writes_a_new_model(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """``deepregister_training.gland_prior --out`` fits on the training pairs and writes a copy of the model
+    with the prior under a new name; it never writes over an existing folder."""
+    from deepregister_training import gland_prior
+
+    from DeepRegisterLib.models import read_card
+
+    out = tmp_path / "mrus-prior"
+    gland_prior.main(["--model", "mrus", "--data", str(MRUS), "--validation-pairs", "88", "--out", str(out)])
+    card = read_card(out)
+    assert card.name == "mrus-prior" and card.finetune_anchor_weight == 1.0
+    assert np.asarray(card.gland_prior["matrix"]).shape == (3, 3) and card.gland_prior["fitted_on"]["pairs"] >= 4
+    assert (out / "model.safetensors").read_bytes() == (REPO / "Resources" / "Models" / "mrus" / "model.safetensors").read_bytes()
+    assert read_card(REPO / "Resources" / "Models" / "mrus").gland_prior == {}  # the shipped card is untouched
+    before = (out / "model.json").read_text()
+    with pytest.raises(SystemExit, match="exists"):
+        gland_prior.main(["--model", "mrus", "--data", str(MRUS), "--out", str(out)])
+    assert (out / "model.json").read_text() == before

@@ -5,7 +5,7 @@ landmark pairs from the labels (channels 1..); ``A`` and ``b`` are least squares
 the training subjects, never of the held-out ones (the same subject split as training and
 ``deepregister_training.evaluate``).
 
-    python -m deepregister_training.gland_prior --model mrus [--write]            # fit (and store in the card)
+    python -m deepregister_training.gland_prior --model mrus [--out models/mrus-prior]   # fit (and write a model with it)
     python -m deepregister_training.gland_prior --model mrus --dev --iterations 0 100 --anchor 0 1 4
 
 ``--dev`` chooses settings without the held-out pairs: the training subjects are split in two folds;
@@ -71,15 +71,15 @@ def predicted_sample(pair: PairFiles, model: str) -> Sample:
     return (*predicted_glands(pair, model), fixed_points, moving_points)
 
 
-def card_with(model: str, folder: Path, prior: GlandPrior, anchor_weight: float, fitted_on: dict) -> Path:
-    """A copy of ``model`` in ``folder`` whose card carries ``prior`` and ``anchor_weight``."""
-    source = find_model(model)
-    if folder.exists():
-        shutil.rmtree(folder)
-    shutil.copytree(source, folder)
+def card_with(model: str, folder: Path, prior: GlandPrior, anchor_weight: float, fitted_on: dict,
+              name: str | None = None) -> Path:
+    """A copy of ``model`` in the new ``folder`` whose card carries ``prior`` and ``anchor_weight``
+    (and ``name``, when given); FileExistsError when ``folder`` exists."""
+    shutil.copytree(find_model(model), folder)
     card = read_card(folder)
     card.gland_prior = {**prior.to_card(), "fitted_on": fitted_on}
     card.finetune_anchor_weight = anchor_weight
+    card.name = name or card.name
     (folder / CARD_FILE).write_text(card.to_json(), encoding="utf-8")
     return folder
 
@@ -117,7 +117,8 @@ def dev(model: str, train: list[PairFiles], iterations: list[int], anchors: list
                 per_fold = []
                 for held in (0, 1):
                     prior = GlandPrior.fit([s for s, f in zip(samples, fold) if f != held])
-                    folder = card_with(model, Path(scratch) / "model", prior, anchor, {"dev_fold": held})
+                    folder = card_with(model, Path(scratch) / f"model-{steps}-{anchor:g}-{held}", prior, anchor,
+                                       {"dev_fold": held})
                     per_fold.append(evaluate(folder, [p for p, f in zip(train, fold) if f == held], steps))
                 results[key] = per_fold
                 print(key, json.dumps(per_fold), flush=True)
@@ -125,19 +126,23 @@ def dev(model: str, train: list[PairFiles], iterations: list[int], anchors: list
     return results
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="mrus", help="model name or folder (needs gland segmenters)")
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "mrus_sim")
     parser.add_argument("--validation-pairs", type=int, default=16, help="the held-out split, as in training")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--write", action="store_true", help="store the prior fitted on all training pairs in the card")
+    parser.add_argument("--out", type=Path, help="write a copy of the model, with the prior fitted on all its training "
+                        "pairs, to this new folder (e.g. a folder of $DEEPREGISTER_MODEL_PATH)")
+    parser.add_argument("--name", help="--out: the new model's name (default: <model>-prior)")
     parser.add_argument("--dev", action="store_true", help="choose settings on two folds of training subjects")
     parser.add_argument("--iterations", type=int, nargs="+", default=[0, 100])
     parser.add_argument("--anchor", type=float, nargs="+", default=[0.0], help="--dev: anchor weights to compare")
     parser.add_argument("--anchor-weight", type=float, default=1.0,
-                        help="--write: the card's finetune_anchor_weight (1: the best of 0, 1, 4, 16 on mrus's dev folds)")
-    args = parser.parse_args()
+                        help="--out: the card's finetune_anchor_weight (1: the best of 0, 1, 4, 16 on mrus's dev folds)")
+    args = parser.parse_args(argv)
+    if args.out and args.out.exists():
+        raise SystemExit(f"{args.out} exists: choose a new folder for the model with its prior.")
     train, held = split(pairs_from_folder(args.data), args.validation_pairs, args.seed)
     if args.dev:
         print(json.dumps(dev(args.model, train, args.iterations, args.anchor), indent=2))
@@ -146,13 +151,10 @@ def main() -> None:
     fitted_on = {"pairs": len(train), "subjects": len(set(subjects(train))), "held_out_pairs": len(held),
                  "glands": "this model's segmentations (> 0.5), image centres aligned", "split_seed": args.seed}
     print(json.dumps({**prior.to_card(), "fitted_on": fitted_on}, indent=2))
-    if args.write:
-        folder = find_model(args.model)
-        card = read_card(folder)
-        card.gland_prior = {**prior.to_card(), "fitted_on": fitted_on}
-        card.finetune_anchor_weight = args.anchor_weight
-        (folder / CARD_FILE).write_text(card.to_json(), encoding="utf-8")
-        print(f"Wrote the prior and finetune_anchor_weight {args.anchor_weight:g} into {folder / CARD_FILE}")
+    if args.out:
+        name = args.name or f"{read_card(find_model(args.model)).name}-prior"
+        card_with(args.model, args.out, prior, args.anchor_weight, fitted_on, name)
+        print(f"Wrote model '{name}' with the prior and finetune_anchor_weight {args.anchor_weight:g} to {args.out}")
 
 
 if __name__ == "__main__":
