@@ -622,36 +622,74 @@ def test_card_gland_prior_is_checked(tmp_path: Path) -> None:
         (folder / "model.json").write_text(json.dumps({**data, "gland_prior": bad}))
         with pytest.raises(ModelError, match="gland_prior needs a 3 x 3"):
             read_card(folder)
+    (folder / "model.json").write_text(json.dumps({**data, "gland_prior": {"matrix": [[0] * 3] * 3, "offset_mm": [1, 2, True]}}))
+    with pytest.raises(ModelError, match="gland_prior needs a 3 x 3"):
+        read_card(folder)
+    for weight in (-1.0, "strong"):
+        (folder / "model.json").write_text(json.dumps({**data, "finetune_anchor_weight": weight}))
+        with pytest.raises(ModelError, match="finetune_anchor_weight must be a number >= 0"):
+            read_card(folder)
     (folder / "model.json").write_text(json.dumps({**data, "gland_prior": {"matrix": [[0] * 3] * 3, "offset_mm": [1, 2, 3]}}))
     assert read_card(folder).gland_prior["offset_mm"] == [1, 2, 3]
+
+
+def prior_model(folder: Path, offset: list[float], anchor_weight: float = 0.0) -> Path:
+    """A copy of the shipped mrus model whose card carries a gland prior with no matrix and ``offset`` (mm)."""
+    shutil.copytree(REPO / "Resources" / "Models" / "mrus", folder)
+    data = json.loads((folder / "model.json").read_text())
+    prior = {"matrix": [[0.0] * 3] * 3, "offset_mm": offset}
+    (folder / "model.json").write_text(json.dumps({**data, "gland_prior": prior, "finetune_anchor_weight": anchor_weight}))
+    return folder
 
 
 @pytest.mark.skipif(not MRUS.is_dir(), reason="needs ../shared/data/mrus_sim")
 def test_gland_prior_places_the_moving_image(tmp_path: Path) -> None:
     """With a gland prior on its card, the model's prediction is the prior from the glands its segmenters
-    find: two priors whose offsets differ by 3 mm give results 3 mm apart everywhere, the network's own
-    field is not used, and the messages say so."""
+    find: the centroid-shift prior maps the fixed gland centroid the network finds onto the moving one (in
+    the moving image's physical space, past a start shift of several mm), a prior 3 mm further gives a
+    result 3 mm further everywhere, the network's own field is not used, and the messages say so."""
     from deepregister_training.data import pairs_from_folder, split
+    from deepregister_training.gland_prior import predicted_glands
 
     _, held = split(pairs_from_folder(MRUS), 16, 0)
     pair = held[0]
     fixed, moving = sitk.ReadImage(str(pair.fixed)), sitk.ReadImage(str(pair.moving))
-    results = []
-    for offset in ([0.0, 0.0, 0.0], [3.0, 0.0, 0.0]):
-        folder = tmp_path / f"prior{offset[0]:g}"
-        shutil.copytree(REPO / "Resources" / "Models" / "mrus", folder)
-        data = json.loads((folder / "model.json").read_text())
-        (folder / "model.json").write_text(json.dumps({**data, "gland_prior": {"matrix": [[0.0] * 3] * 3, "offset_mm": offset}}))
-        results.append(register(fixed, moving, model=str(folder), iterations=0, device="cpu"))
-    plain = register(fixed, moving, model="mrus", iterations=0, device="cpu")
+    results = [register(fixed, moving, model=str(prior_model(tmp_path / f"prior{dx:g}", [dx, 0.0, 0.0])), iterations=0,
+                        device="cpu", initial="centers") for dx in (0.0, 3.0)]
+    plain = register(fixed, moving, model="mrus", iterations=0, device="cpu", initial="centers")
     assert [r.kept_stage for r in results] == ["network", "network"]
     assert any("gland-anchored motion prior" in m for m in results[0].messages)
+    fixed_gland, moving_gland = predicted_glands(pair, "mrus")  # physical, from the same start (centres aligned)
+    assert np.linalg.norm(results[0].initial_transform.GetOffset()) > 3.0
+    assert np.linalg.norm(np.subtract(results[0].transform.TransformPoint(fixed_gland.tolist()), moving_gland)) < 1.0
     centre = np.asarray(fixed.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in fixed.GetSize()]))
     points = centre + np.random.default_rng(0).uniform(-15, 15, (20, 3))
     mapped = [np.array([r.transform.TransformPoint(p.tolist()) for p in points]) for r in results]
     assert np.allclose(mapped[1] - mapped[0], [3.0, 0.0, 0.0], atol=0.05)
     own = np.array([plain.transform.TransformPoint(p.tolist()) for p in points])
     assert np.abs(own - mapped[0]).max() > 0.5  # the network's own field differs from the centroid shift
+
+
+@pytest.mark.skipif(not MRUS.is_dir(), reason="needs ../shared/data/mrus_sim")
+def test_anchor_keeps_fine_tuning_near_the_prediction(tmp_path: Path) -> None:
+    """The card's finetune_anchor_weight reaches fine-tuning: a strong anchor keeps the affine steps within
+    0.2 mm of the prediction where the same steps without it move the result by more than 0.5 mm."""
+    from deepregister_training.data import pairs_from_folder, split
+
+    _, held = split(pairs_from_folder(MRUS), 16, 0)
+    fixed, moving = sitk.ReadImage(str(held[0].fixed)), sitk.ReadImage(str(held[0].moving))
+    centre = np.asarray(fixed.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in fixed.GetSize()]))
+    points = centre + np.random.default_rng(1).uniform(-15, 15, (20, 3))
+
+    def moved(result) -> np.ndarray:
+        return np.array([result.transform.TransformPoint(p.tolist()) for p in points])
+
+    start = moved(register(fixed, moving, model=str(prior_model(tmp_path / "start", [0.0] * 3)), iterations=0, device="cpu"))
+    free, anchored = (register(fixed, moving, model=str(prior_model(tmp_path / f"a{w:g}", [0.0] * 3, w)), iterations=30,
+                               device="cpu") for w in (0.0, 1e4))
+    assert free.kept_stage == "affine" and anchored.kept_stage in ("affine", "network")
+    assert np.linalg.norm(moved(free) - start, axis=1).max() > 0.5
+    assert np.linalg.norm(moved(anchored) - start, axis=1).max() < 0.2
 
 
 def test_anchor_counts_the_affine_correction_over_a_gland_sized_ball() -> None:

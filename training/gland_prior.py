@@ -16,6 +16,7 @@ fine-tuning steps and anchor weight (the card's ``finetune_anchor_weight``).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shutil
 import tempfile
@@ -49,10 +50,15 @@ def true_sample(pair: PairFiles) -> Sample:
             fixed_points[both], moving_points[both])
 
 
+@functools.lru_cache(maxsize=2)
+def _loaded(model: str) -> tuple:
+    return load_model(model, torch.device("cpu"))
+
+
 def predicted_glands(pair: PairFiles, model: str) -> tuple[np.ndarray, np.ndarray]:
     """Gland centroids (fixed, moving; LPS mm) of the network's segmentations (> 0.5), from the image
     centres aligned: the network sees the moving image under that shift, so it is added back."""
-    card, network = load_model(model, torch.device("cpu"))
+    card, network = _loaded(model)
     fixed, moving = sitk.ReadImage(str(pair.fixed)), sitk.ReadImage(str(pair.moving))
     shift = center_alignment(fixed, moving)
     grid = model_grid(fixed, card)

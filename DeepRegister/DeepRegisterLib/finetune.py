@@ -31,7 +31,7 @@ COARSE_FRACTION = 0.25  # share of the fine-tuning steps run on the half-resolut
 COARSE_SAMPLE_FRACTION = 0.5  # share of the finest level's MI samples taken on the half-resolution level
 MIN_ORGAN_ML = 1.0  # smallest organ map (mL above probability 0.5) that fine-tuning follows
 INSIDE_TOLERANCE = 0.01  # share of a mask's outside that smoothing or interpolation may mix into a compared voxel
-ANCHOR_RADIUS_MM = 20.0  # the affine correction's departure is averaged over a ball of this radius (a gland's size)
+ANCHOR_RADIUS_MM = 20.0  # the affine correction's departure is averaged over a ball of this radius (a gland's size) about the grid's centre
 ANCHOR_SCALE_MM = 5.0  # ... and counted in units of this displacement squared (the prior's typical error)
 MIND_WEIGHT = 10.0  # MIND-SSC SSD (about 0.01-0.1 per voxel) scaled to the range of mutual information
 
@@ -130,7 +130,8 @@ class PairDeformation(torch.nn.Module):
 
     def affine_departure(self) -> torch.Tensor:
         """Mean squared displacement (scalar, in ANCHOR_SCALE_MM^2) of the affine correction over a
-        ball of ANCHOR_RADIUS_MM around its centre: |t|^2 + R^2 / 5 |A - I|_F^2."""
+        ball of ANCHOR_RADIUS_MM around its centre (the fine-tuning grid's, i.e. the fixed image's, not the
+        organ's): |t|^2 + R^2 / 5 |A - I|_F^2."""
         squared = self.translation.square().sum() + ANCHOR_RADIUS_MM ** 2 / 5.0 * self.matrix.square().sum()
         return squared / ANCHOR_SCALE_MM ** 2
 

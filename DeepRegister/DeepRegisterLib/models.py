@@ -83,6 +83,9 @@ def read_card(folder: Path) -> ModelCard:
         raise ModelError(f"Model card {path} does not fit this version of DeepRegister ({error}).") from None
     if len(card.input_size) != 3 or len(card.spacing_mm) != 3 or min(card.input_size) < 8:
         raise ModelError(f"Model card {path}: input_size and spacing_mm need 3 values each (x, y, z).")
+    if not (isinstance(card.finetune_anchor_weight, (int, float)) and math.isfinite(card.finetune_anchor_weight)
+            and card.finetune_anchor_weight >= 0):
+        raise ModelError(f"Model card {path}: finetune_anchor_weight must be a number >= 0.")
     if card.gland_prior and not _is_gland_prior(card.gland_prior):
         raise ModelError(f"Model card {path}: gland_prior needs a 3 x 3 'matrix' and a 3-value 'offset_mm' of finite numbers.")
     return card
@@ -92,7 +95,7 @@ def _is_gland_prior(entry: object) -> bool:
     """A card's ``gland_prior``: a 3 x 3 ``matrix`` and a 3-value ``offset_mm`` of finite numbers."""
     def finite(values: object, count: int) -> bool:
         return (isinstance(values, list) and len(values) == count
-                and all(isinstance(v, (int, float)) and math.isfinite(v) for v in values))
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values))
 
     return (isinstance(entry, dict) and isinstance(entry.get("matrix"), list) and len(entry["matrix"]) == 3
             and all(finite(row, 3) for row in entry["matrix"]) and finite(entry.get("offset_mm"), 3))

@@ -80,6 +80,8 @@ def prior_displacement(prior: GlandPrior, outputs: dict[str, torch.Tensor], grid
     segmenters found ("fixed_segmentation", "moving_segmentation" on ``grid``, the moving one in the
     frame the network saw); None, with a message, when either image shows no gland."""
     if "fixed_segmentation" not in outputs:
+        messages.append("The model's card has a gland prior but its network gives no gland maps: its own "
+                        "displacement was used.")
         return None
     fixed_centroid = gland_centroid(outputs["fixed_segmentation"], grid)
     moving_centroid = gland_centroid(outputs["moving_segmentation"], grid)

@@ -297,7 +297,10 @@ class _Panel:
                            aspect="auto", **style)
 
     def quiver(self, page: Axes, displacement: np.ndarray, plane: _Plane, step: int, pixels_per_mm: float) -> None:
-        """In-plane displacement arrows every ``step`` pixels (rows and columns grow down, right)."""
+        """In-plane displacement arrows every ``step`` pixels (rows and columns grow down, right), clipped
+        to the panel."""
+        from matplotlib.patches import Rectangle
+
         height, width = displacement.shape[:2]
         rows, columns = np.mgrid[step // 2 : height : step, step // 2 : width : step]
         vectors = displacement[rows, columns]
@@ -305,8 +308,9 @@ class _Panel:
         keep = np.isfinite(u) & np.isfinite(v)
         x = self.left + (columns[keep] + 0.5) * self.inch_per_pixel
         y = self.top + (rows[keep] + 0.5) * self.inch_per_pixel
-        page.quiver(x, y, u[keep] * self.inch_per_pixel, v[keep] * self.inch_per_pixel, angles="xy",
-                    scale_units="xy", scale=1.0, pivot="mid", color="white", width=0.006 * self.width / _WIDTH_IN)
+        arrows = page.quiver(x, y, u[keep] * self.inch_per_pixel, v[keep] * self.inch_per_pixel, angles="xy",
+                             scale_units="xy", scale=1.0, pivot="mid", color="white", width=0.006 * self.width / _WIDTH_IN)
+        arrows.set_clip_path(Rectangle((self.left, self.top), self.width, self.height, transform=page.transData))
 
     def decorate(self, page: Axes, plane: _Plane, title: str) -> None:
         """A title above the image (may be empty) and the patient orientation letters inside it."""
