@@ -27,15 +27,12 @@ import SimpleITK as sitk
 import torch
 
 from DeepRegisterLib.imageio import center_alignment
-from DeepRegisterLib.landmarks import tre
-from DeepRegisterLib.metrics import dice_per_label
 from DeepRegisterLib.models import CARD_FILE, find_model, load_model, read_card
 from DeepRegisterLib.preprocess import PairInputs, model_grid
 from DeepRegisterLib.prior import GlandPrior, gland_centroid
-from DeepRegisterLib.registration import register
 
 from .data import PairFiles, pairs_from_folder, split, subjects
-from .evaluate import centroids
+from .evaluate import centroids, evaluate_mrus
 
 REPO = Path(__file__).resolve().parents[1]
 Sample = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # fixed centroid, moving centroid, fixed, moving points
@@ -90,25 +87,6 @@ def card_with(model: str, folder: Path, prior: GlandPrior, anchor_weight: float,
     return folder
 
 
-def evaluate(model: Path, pairs: list[PairFiles], iterations: int) -> dict:
-    """Median of per-pair median TRE, landmark median and mean, gland Dice median, folding max."""
-    per_pair, everything, dices, folding = [], [], [], []
-    for pair in pairs:
-        fixed, moving = sitk.ReadImage(str(pair.fixed)), sitk.ReadImage(str(pair.moving))
-        fixed_labels, moving_labels = sitk.ReadImage(str(pair.fixed_labels)), sitk.ReadImage(str(pair.moving_labels))
-        result = register(fixed, moving, model=str(model), iterations=iterations, device="cpu")
-        errors = tre(centroids(fixed_labels), centroids(moving_labels), result.transform)
-        errors = errors[np.isfinite(errors)]
-        per_pair.append(float(np.median(errors)))
-        everything += errors.tolist()
-        dices.append(dice_per_label(fixed_labels[:, :, :, 0], moving_labels[:, :, :, 0], result.transform)["label 1"])
-        folding.append(result.folding_percent)
-    return {"pairs": len(pairs), "tre_per_pair_median_mm": round(float(np.median(per_pair)), 2),
-            "tre_landmark_median_mm": round(float(np.median(everything)), 2),
-            "tre_landmark_mean_mm": round(float(np.mean(everything)), 2),
-            "dice_median": round(float(np.median(dices)), 3), "folding_percent_max": float(np.max(folding))}
-
-
 def dev(model: str, train: list[PairFiles], iterations: list[int], anchors: list[float]) -> dict:
     """Two folds of training subjects: fit on one, register the other's pairs (see the module docstring)."""
     owner = subjects(train)
@@ -125,10 +103,10 @@ def dev(model: str, train: list[PairFiles], iterations: list[int], anchors: list
                     prior = GlandPrior.fit([s for s, f in zip(samples, fold) if f != held])
                     folder = card_with(model, Path(scratch) / f"model-{steps}-{anchor:g}-{held}", prior, anchor,
                                        {"dev_fold": held})
-                    per_fold.append(evaluate(folder, [p for p, f in zip(train, fold) if f == held], steps))
+                    per_fold.append(evaluate_mrus(str(folder), steps, [p for p, f in zip(train, fold) if f == held]))
                 results[key] = per_fold
                 print(key, json.dumps(per_fold), flush=True)
-        results["without prior"] = {str(steps): evaluate(find_model(model), train, steps) for steps in iterations}
+        results["without prior"] = {str(steps): evaluate_mrus(model, steps, train) for steps in iterations}
     return results
 
 

@@ -40,10 +40,6 @@ class GlandPrior:
     def to_card(self) -> dict:
         return {"matrix": self.matrix.tolist(), "offset_mm": self.offset.tolist()}
 
-    def residual(self, fixed_points: np.ndarray, fixed_centroid: np.ndarray) -> np.ndarray:
-        """The prior's motion beyond the centroid shift, (N, 3) mm at fixed points (N, 3) mm."""
-        return (fixed_points - fixed_centroid) @ self.matrix.T + self.offset
-
     def displacement_on(self, grid: Grid, fixed_centroid: np.ndarray, moving_centroid: np.ndarray,
                         device: torch.device | str = "cpu") -> torch.Tensor:
         """The prior's displacement (1, 3, Z, Y, X) in mm (LPS) at the voxels of ``grid``."""

@@ -1,4 +1,6 @@
 """Second held-out group (B): 16 pairs of 13 subjects that network mrus-b (trained on 64 pairs) never saw.
+(Rerunning it reports `deepregister_training.evaluate.evaluate_mrus` keys; second-group.json was written by an earlier
+evaluate helper of the prior tool with the same figures under tre_per_pair_median_mm, tre_landmark_*_mm.)
 Prior fitted on those 64 training pairs (mrus-b's predicted glands; and true glands for reference)."""
 import json, sys, tempfile, time
 from pathlib import Path
@@ -7,6 +9,7 @@ import DeepRegisterLib.registration as R
 from DeepRegisterLib.prior import GlandPrior
 from deepregister_training import gland_prior as G
 from deepregister_training.data import pairs_from_folder, split
+from deepregister_training.evaluate import evaluate_mrus
 from deepregister_training.studies.gland_prior import errors
 from DeepRegisterLib.metrics import dice_per_label
 from deepregister_training.studies.gland_prior import prior_transform
@@ -37,12 +40,12 @@ for gname, group in (("B", groupB), ("A", groupA)):
     res["prior alone, predicted glands"]["dice_median"] = round(float(np.median(dices)), 3)
     res["centroid error median (fixed, moving)"] = [round(float(np.median([np.linalg.norm(pg[i] - tg[i]) for pg, tg in zip(pred_g, true_g)])), 2) for i in (0, 1)]
     t = time.perf_counter()
-    res["network alone (0 steps)"] = G.evaluate(Path(MODEL), group, 0)
-    res["network + 100 affine steps (card default)"] = G.evaluate(Path(MODEL), group, 100)
+    res["network alone (0 steps)"] = evaluate_mrus(MODEL, 0, group)
+    res["network + 100 affine steps (card default)"] = evaluate_mrus(MODEL, 100, group)
     with tempfile.TemporaryDirectory() as scratch:
         folder = G.card_with(MODEL, Path(scratch) / "m", prior_pred, 1.0, {})
-        res["prior via register (0 steps)"] = G.evaluate(folder, group, 0)
-        res["prior + 100 anchored steps (anchor 1)"] = G.evaluate(folder, group, 100)
+        res["prior via register (0 steps)"] = evaluate_mrus(str(folder), 0, group)
+        res["prior + 100 anchored steps (anchor 1)"] = evaluate_mrus(str(folder), 100, group)
         orig = R.prior_displacement
         def blended(prior, outputs, grid, messages):
             field = orig(prior, outputs, grid, messages)
@@ -50,7 +53,7 @@ for gname, group in (("B", groupB), ("A", groupA)):
             direction = torch.as_tensor(np.reshape(grid.direction, (3, 3)), dtype=field.dtype)
             return 0.5 * field + 0.5 * torch.einsum("ij,bjzyx->bizyx", direction, outputs["displacement"])
         R.prior_displacement = blended
-        res["half prior + half network, + 100 anchored steps (one-off)"] = G.evaluate(folder, group, 100)
+        res["half prior + half network, + 100 anchored steps (one-off)"] = evaluate_mrus(str(folder), 100, group)
         R.prior_displacement = orig
     out[gname] = res
     print(gname, json.dumps(res, indent=1), flush=True)
