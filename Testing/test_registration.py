@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from DeepRegisterLib import finetune, preprocess, registration, spatial
 from DeepRegisterLib.landmarks import tre
-from DeepRegisterLib.losses import BendingEnergy, bending_energy, lncc_loss, mutual_information_loss
+from DeepRegisterLib.losses import BendingEnergy, bending_energy, lncc_loss, mutual_information_loss, position_regions
 from DeepRegisterLib.metrics import dice_per_label
 from DeepRegisterLib.models import ModelCard, save_model
 from DeepRegisterLib.nets import GlobalNet
@@ -352,6 +352,63 @@ def test_mutual_information_equals_dense_mattes_histogram() -> None:
     torch.testing.assert_close(grad, -expected_grad, atol=1e-12, rtol=1e-6)
     inner = (0.02 + 0.96 * warped[:300].detach()).requires_grad_(True)  # away from the clamped ends
     assert torch.autograd.gradcheck(lambda w: mutual_information_loss(fixed[:300], w, bins=8, weight=weight[:300]), (inner,))
+
+
+def test_position_regions_interpolate_a_lattice_over_the_image() -> None:
+    axes = tuple(torch.linspace(0, 1, n) for n in (7, 5, 4))
+    block, mixing = position_regions(axes, 3, blocks=4)
+    assert block.shape == (7 * 5 * 4,) and mixing.shape == (27, 64)
+    assert int(block.min()) == 0 and int(block.max()) == 63
+    assert int(block[0]) == 0 and int(block[-1]) == 63 and int(block[(3 * 5 + 2) * 4 + 1]) == (2 * 4 + 2) * 4 + 1
+    torch.testing.assert_close(mixing.sum(dim=0), torch.ones(64))  # each block's weights sum to 1
+    # a block's weights are the trilinear weights of its centre: block (0, 0, 0), centre 1/8 of the
+    # extent = 1/4 of the way from node 0 to node 1 on each axis
+    expected = {0: 0.75 ** 3, 1: 0.75 ** 2 * 0.25, 3: 0.75 ** 2 * 0.25, 4: 0.75 * 0.25 ** 2, 13: 0.25 ** 3}
+    for region, value in expected.items():
+        assert abs(float(mixing[region, 0]) - value) < 1e-6
+    assert float(mixing[:, 0].sum()) == pytest.approx(1.0) and int((mixing[:, 0] > 0).sum()) == 8
+
+
+def test_regional_mutual_information_is_the_mass_weighted_mean_over_regions() -> None:
+    generator = torch.Generator().manual_seed(4)
+    fixed = torch.rand(3000, generator=generator, dtype=torch.float64)
+    warped = (fixed ** 2 + 0.1 * torch.randn(3000, generator=generator, dtype=torch.float64)).clamp(0, 1)
+    weight = 1.0 + torch.rand(3000, generator=generator, dtype=torch.float64)
+    region = torch.randint(0, 3, (3000,), generator=generator)  # each sample wholly in one of 3 regions
+    regions = (region, torch.eye(3, dtype=torch.float64))
+    expected = sum(weight[region == r].sum() * mutual_information_loss(fixed[region == r], warped[region == r],
+                                                                      weight=weight[region == r])
+                   for r in range(3)) / weight.sum()
+    torch.testing.assert_close(mutual_information_loss(fixed, warped, weight=weight, regions=regions), expected)
+    # a relation that differs between regions (inverted in one) is found by the regional estimate only
+    drifting = torch.where(region == 0, 1.0 - warped, warped)
+    regional = mutual_information_loss(fixed, drifting, weight=weight, regions=regions)
+    assert regional < mutual_information_loss(fixed, drifting, weight=weight) - 0.2
+    # blocks shared between regions: the gradient is the derivative of the loss
+    mixed = (region, torch.tensor([[0.7, 0.2, 0.0], [0.3, 0.5, 0.4], [0.0, 0.3, 0.6]], dtype=torch.float64))
+    inner = (0.02 + 0.96 * warped[:120]).requires_grad_(True)  # away from the clamped ends
+    assert torch.autograd.gradcheck(lambda w: mutual_information_loss(fixed[:120], w, bins=8, weight=weight[:120],
+                                                                      regions=(region[:120], mixed[1])), (inner,))
+
+
+def test_fine_tuning_is_not_misled_by_a_bias_field(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A smooth multiplicative bias (x0.5-2 across the fixed image, as an MR coil or an ultrasound's depth
+    attenuation makes) drags a field fitted with one joint histogram; one histogram per region does not."""
+    from DeepRegisterLib import guard
+
+    pair = make_phantom_pair(3, size=(64, 64, 64), spacing=1.5, ultrasound=False)
+    array = sitk.GetArrayFromImage(pair.fixed)
+    z, y, x = np.indices(array.shape) / (np.asarray(array.shape)[:, None, None, None] - 1.0)
+    fixed = sitk.GetImageFromArray((array * np.exp((x - 0.5) + 0.5 * (y - 0.5))).astype(np.float32))
+    fixed.CopyInformation(pair.fixed)
+    monkeypatch.setattr(guard, "choose", lambda scores: (scores[-1], []))  # the fine-tuned field, whatever the guard says
+    errors = {}
+    for regions in (1, finetune.MI_REGIONS):
+        monkeypatch.setattr(finetune, "MI_REGIONS", regions)
+        result = registration.register(fixed, pair.moving, model="generic", device="cpu")
+        errors[regions] = float(np.median(tre(pair.fixed_points, pair.moving_points, result.transform)))
+    start = float(np.median(tre(pair.fixed_points, pair.moving_points, result.initial_transform)))
+    assert errors[finetune.MI_REGIONS] < 0.15 * start and errors[1] > 3 * errors[finetune.MI_REGIONS], errors
 
 
 def test_similarity_losses_prefer_alignment() -> None:

@@ -436,7 +436,8 @@ def test_shipped_mrus_fine_tuning_on_held_out_subjects(tmp_path: Path) -> None:
     assert tuned["tre_median_mm"] < alone["tre_median_mm"] - 0.5, (alone, tuned)
     assert tuned["dice_median"] > alone["dice_median"] + 0.02, (alone, tuned)
     assert tuned["folding_percent_max"] == 0.0
-    assert drifted["tre_median_mm"] > tuned["tre_median_mm"] + 1.0, (tuned, drifted)
+    assert drifted["tre_median_mm"] > tuned["tre_median_mm"] + 0.5, (tuned, drifted)
+    assert drifted["dice_median"] < tuned["dice_median"] - 0.02, (tuned, drifted)
 
 
 def test_initialize_takes_a_submodule_out_of_a_shipped_model() -> None:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from . import spatial
 from .filters import gaussian_smooth
 from .imageio import InputError
-from .losses import BendingEnergy, lncc_loss, mind_loss, mind_ssc, mutual_information_loss, soft_dice
+from .losses import BendingEnergy, lncc_loss, mind_loss, mind_ssc, mutual_information_loss, position_regions, soft_dice
 from .options import SIMILARITIES
 from .preprocess import SALIENCY_GRID_VOXELS, steps_covering
 from .progress import ProgressCallback, report_progress
@@ -34,6 +34,7 @@ INSIDE_TOLERANCE = 0.01  # share of a mask's outside that smoothing or interpola
 ANCHOR_RADIUS_MM = 20.0  # the affine correction's departure is averaged over a ball of this radius (a gland's size) about the grid's centre
 ANCHOR_SCALE_MM = 5.0  # ... and counted in units of this displacement squared (the prior's typical error)
 MIND_WEIGHT = 10.0  # MIND-SSC SSD (about 0.01-0.1 per voxel) scaled to the range of mutual information
+MI_REGIONS = 4  # mutual information is conditional on position: one joint histogram per region of a lattice this many per axis
 
 
 def downsample(volume: torch.Tensor, grid: Grid, factor: int) -> tuple[torch.Tensor, Grid]:
@@ -265,7 +266,10 @@ def fine_tune(pyramid: Pyramid, initial: torch.Tensor, iterations: int,
     the pyramid's grid).
 
     Two resolution levels (half, for COARSE_FRACTION of the steps, then full), Adam; the
-    similarity is mutual information (Mattes et al.'s estimator, "mi") or the SSD of MIND-SSC
+    similarity is mutual information (Mattes et al.'s estimator, "mi", conditional on position: one
+    joint histogram per region of a MI_REGIONS^3 lattice over the level, so that an intensity
+    relation drifting across the image, such as a bias field or an ultrasound's depth attenuation,
+    is not taken for misalignment) or the SSD of MIND-SSC
     descriptors ("mind", computed once per level and interpolated) on a strided subgrid of voxels
     at a random offset each step, or dense LNCC ("lncc"), each voxel weighted by
     ``1 + joint saliency`` of the alignment the level starts from (on the saliency grid) and by
@@ -331,10 +335,14 @@ def fine_tune(pyramid: Pyramid, initial: torch.Tensor, iterations: int,
                 if offset not in subgrids:  # each subgrid's fixed values, weights and start coordinates, gathered once
                     ox, oy, oz = offset
                     voxels = (..., slice(oz, None, stride), slice(oy, None, stride), slice(ox, None, stride))
+                    regions = None
+                    if metric == "mi" and MI_REGIONS > 1:  # each subgrid voxel's position as a fraction of the level's extent
+                        regions = position_regions(tuple(torch.arange(o, n, stride, device=device) / (n - 1.0)
+                                                         for o, n in zip((oz, oy, ox), level_grid.shape)), MI_REGIONS)
                     subgrids[offset] = (level_grid.strided(offset, stride), fixed_features[voxels].contiguous(),
                                         weight_map[voxels].contiguous(), initial_coordinates[voxels + (slice(None),)].contiguous(),
-                                        fixed_organ[voxels].contiguous() if use_organs else None)
-                subgrid, subgrid_fixed, subgrid_weight, subgrid_coordinates, subgrid_organ = subgrids[offset]
+                                        fixed_organ[voxels].contiguous() if use_organs else None, regions)
+                subgrid, subgrid_fixed, subgrid_weight, subgrid_coordinates, subgrid_organ, regions = subgrids[offset]
                 correction = deformation.displacement_on(subgrid)
                 coordinates = subgrid_coordinates + correction.permute(0, 2, 3, 4, 1) @ per_mm
                 values = spatial.sample_normalized(moving_stack, coordinates)
@@ -344,7 +352,7 @@ def fine_tune(pyramid: Pyramid, initial: torch.Tensor, iterations: int,
                 else:
                     landed = (coordinates.abs() <= 1).all(dim=-1, keepdim=True).movedim(-1, 1).to(values.dtype)
                 if metric == "mi":
-                    similarity = mutual_information_loss(subgrid_fixed, values, weight=subgrid_weight * landed.detach())
+                    similarity = mutual_information_loss(subgrid_fixed, values, weight=subgrid_weight * landed.detach(), regions=regions)
                 else:
                     similarity = MIND_WEIGHT * mind_loss(subgrid_fixed, values, subgrid_weight * landed.detach())
                 if use_organs:
