@@ -58,7 +58,7 @@ def test_saliency_overlay_is_drawn_in_inferno_colours(shown) -> None:
     assert difference.mean() > 0.05
     # colour (inferno purple to yellow) over a grey image: the overlay pixels are strongly chromatic
     chroma = lambda pixels: (pixels.max(axis=-1).astype(int) - pixels.min(axis=-1)).mean()
-    assert chroma(with_overlay[difference]) > 40 and chroma(without[difference]) < 15
+    assert chroma(with_overlay[difference]) > 30 and chroma(without[difference]) < 15
 
 
 def test_field_glyphs_are_drawn_and_switch_off(shown) -> None:

@@ -544,6 +544,9 @@ class BusyCores:
         except ProcessLookupError:
             pass
         self.process.wait()
+        deadline = time.monotonic() + 10.0  # a killed process on a loaded machine may take a while to go
+        while self.pids() and time.monotonic() < deadline:
+            time.sleep(0.01)
 
 
 # -- orchestration ------------------------------------------------------------------------------
