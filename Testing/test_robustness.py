@@ -157,7 +157,7 @@ def test_guard_refuses_a_folding_stage() -> None:
     assert kept is organs[1] and "organ outlines overlap less (soft Dice 0.800 -> 0.750)" in warnings[0]
 
 
-def test_guard_accepts_a_moderate_gain_only_from_a_plausible_field() -> None:
+def test_guard_accepts_a_moderate_gain_only_from_a_plausible_local_field() -> None:
     start = guard.StageScore("start", mind=0.1, mi=-0.5, folding_percent=0.0)
     moderate = guard.StageScore("deformable", mind=0.085, mi=-0.6, folding_percent=0.0, volume_change_percent=0.0)
     assert guard.choose([start, moderate]) == (moderate, [])  # 15 % better, nothing shrunk or grown threefold
@@ -166,6 +166,10 @@ def test_guard_accepts_a_moderate_gain_only_from_a_plausible_field() -> None:
     assert kept is start and "did not clearly improve" in warnings[0]
     clear = guard.StageScore("deformable", mind=0.07, mi=-0.6, folding_percent=0.0, volume_change_percent=5.0)
     assert guard.choose([start, clear]) == (clear, [])  # 30 % better: some large volume change is tolerated
+    affine = guard.StageScore("affine", mind=0.085, mi=-0.6, folding_percent=0.0)
+    kept, warnings = guard.choose([start, affine])  # the same 15 % from an affine: its plausibility is untested
+    assert kept is start and "The affine stage was rejected: it did not clearly improve" in warnings[0]
+    assert guard.choose([start, guard.StageScore("affine", mind=0.075, mi=-0.6, folding_percent=0.0)])[0].stage == "affine"
     implausible = guard.StageScore("deformable", mind=0.05, mi=-1.2, folding_percent=0.0, volume_change_percent=45.0)
     kept, warnings = guard.choose([start, implausible])
     assert kept is start and "shrinks or grows 45 % of the compared tissue more than 3-fold" in warnings[0]

@@ -39,6 +39,7 @@ MODERATE_MIND_GAIN = 0.1  # relative MIND decrease accepted from a plausible fie
 MAX_VOLUME_RATIO = 3.0  # a field that shrinks or grows tissue beyond this factor changes its volume implausibly
 MAX_PLAUSIBLE_CHANGE_PERCENT = 1.0  # judged voxels with implausible volume change in a plausible field, at most
 MAX_VOLUME_CHANGE_PERCENT = 20.0  # a stage whose field changes the volume of more judged voxels implausibly is refused
+AFFINE_STAGES = ("affine",)  # stages whose field is affine: no local volume change, so no evidence of plausibility
 
 
 def erode(mask: torch.Tensor, voxels: int) -> torch.Tensor:
@@ -133,7 +134,8 @@ def verdict(candidate: StageScore, best: StageScore) -> str:
     voxels by more than MAX_VOLUME_RATIO; with organ maps on both, not lose more than ORGAN_TOLERANCE of
     their soft Dice; else MI must not worsen by MI_TOLERANCE and MIND must fall by MIN_MIND_GAIN
     (relative), or by MODERATE_MIND_GAIN when the field is plausible (at most MAX_PLAUSIBLE_CHANGE_PERCENT
-    of the judged voxels change volume beyond MAX_VOLUME_RATIO)."""
+    of the judged voxels change volume beyond MAX_VOLUME_RATIO; an affine stage's field changes no volume
+    locally, so it says nothing and an affine stage needs the clear gain)."""
     if candidate.folding_percent > MAX_FOLDING_PERCENT:
         return f"its field folds on {candidate.folding_percent:.2f} % of the voxels"
     if candidate.volume_change_percent > MAX_VOLUME_CHANGE_PERCENT:
@@ -148,8 +150,9 @@ def verdict(candidate: StageScore, best: StageScore) -> str:
     if candidate.mind > best.mind * (1.0 + MIND_TOLERANCE) or candidate.mi > best.mi + MI_TOLERANCE * abs(best.mi):
         return f"it made the alignment worse ({change})"
     gain = 1.0 - candidate.mind / best.mind
-    if gain >= MIN_MIND_GAIN or (gain >= MODERATE_MIND_GAIN
-                                 and candidate.volume_change_percent <= MAX_PLAUSIBLE_CHANGE_PERCENT):
+    plausible = (candidate.stage not in AFFINE_STAGES  # an affine changes no volume locally: the test says nothing
+                 and candidate.volume_change_percent <= MAX_PLAUSIBLE_CHANGE_PERCENT)
+    if gain >= MIN_MIND_GAIN or (gain >= MODERATE_MIND_GAIN and plausible):
         return ""
     return f"it did not clearly improve the alignment ({change})"
 
