@@ -173,6 +173,8 @@ def test_guard_accepts_a_moderate_gain_only_from_a_plausible_local_field() -> No
     implausible = guard.StageScore("deformable", mind=0.05, mi=-1.2, folding_percent=0.0, volume_change_percent=45.0)
     kept, warnings = guard.choose([start, implausible])
     assert kept is start and "shrinks or grows 45 % of the compared tissue more than 3-fold" in warnings[0]
+    eleven = guard.StageScore("deformable", mind=0.06, mi=-1.0, folding_percent=0.0, volume_change_percent=11.0)
+    assert guard.choose([start, eleven])[0] is start  # 40 % better, but 11 % of the tissue changes volume 3-fold
 
 
 def test_judge_counts_voxels_whose_volume_changes_threefold() -> None:

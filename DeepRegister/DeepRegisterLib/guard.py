@@ -38,7 +38,7 @@ MIN_MIND_GAIN = 0.2  # relative MIND decrease that counts as a clear improvement
 MODERATE_MIND_GAIN = 0.1  # relative MIND decrease accepted from a plausible field (see MAX_PLAUSIBLE_CHANGE_PERCENT)
 MAX_VOLUME_RATIO = 3.0  # a field that shrinks or grows tissue beyond this factor changes its volume implausibly
 MAX_PLAUSIBLE_CHANGE_PERCENT = 1.0  # judged voxels with implausible volume change in a plausible field, at most
-MAX_VOLUME_CHANGE_PERCENT = 20.0  # a stage whose field changes the volume of more judged voxels implausibly is refused
+MAX_VOLUME_CHANGE_PERCENT = 10.0  # a stage whose field changes the volume of more judged voxels implausibly is refused
 AFFINE_STAGES = ("affine",)  # stages whose field is affine: no local volume change, so no evidence of plausibility
 
 
