@@ -49,12 +49,13 @@ def lncc_loss(fixed: torch.Tensor, warped: torch.Tensor, window: int = 9,
 class _MattesMutualInformation(torch.autograd.Function):
     """Negative mutual information from joint histograms with Mattes et al.'s Parzen windows: a box
     (one bin) for the fixed values, a cubic B-spline (four bins) for the moving ones. Samples are
-    counted per block; each region's histogram mixes the blocks' (``mixing``: regions x blocks). The
-    gradient with respect to the moving values is computed in closed form from the histograms alone."""
+    counted per block; each region's histogram mixes the blocks' (``mixing``: regions x blocks; no
+    ``block`` and ``mixing``: one histogram of every sample). The gradient with respect to the moving
+    values is computed in closed form from the histograms alone."""
 
     @staticmethod
     def forward(ctx, fixed: torch.Tensor, warped: torch.Tensor, weight: torch.Tensor, bins: int,
-                block: torch.Tensor, mixing: torch.Tensor) -> torch.Tensor:
+                block: torch.Tensor | None, mixing: torch.Tensor | None) -> torch.Tensor:
         columns = bins + 4  # two padding bins each side: every window lies inside, so each sums to 1
         dtype = torch.promote_types(warped.dtype, torch.float32)  # half precision (AMP) counts in float32
         fixed_bin = (fixed.reshape(-1).to(dtype).clamp(0, 1) * (bins - 1)).round().long()
@@ -66,13 +67,18 @@ class _MattesMutualInformation(torch.autograd.Function):
         windows = torch.stack([u * u * u, 3 * t3 - 6 * t2 + 4, -3 * t3 + 3 * t2 + 3 * t + 1, t3], dim=1) / 6.0
         slopes = torch.stack([-0.5 * u * u, 1.5 * t2 - 2 * t, -1.5 * t2 + t + 0.5, 0.5 * t2], dim=1)  # per bin
         cells = bins * columns
-        index = (block * cells + fixed_bin * columns + first.long() - 1)[:, None] + torch.arange(4, device=fixed.device)
+        cell = fixed_bin * columns + first.long() - 1
+        if block is not None:
+            cell = cell + block * cells
+        index = cell[:, None] + torch.arange(4, device=fixed.device)
         mass = weight.reshape(-1).to(dtype)
         total = mass.sum().clamp(min=1e-12)
-        mixing = mixing.to(dtype)
+        if mixing is not None:
+            mixing = mixing.to(dtype)
+        count = 1 if mixing is None else mixing.shape[1]
         blocks = torch.bincount(index.reshape(-1), (windows * mass[:, None]).reshape(-1),
-                                minlength=mixing.shape[1] * cells).view(mixing.shape[1], cells)
-        joint = mixing @ blocks  # (regions, cells)
+                                minlength=count * cells).view(count, cells)
+        joint = blocks if mixing is None else mixing @ blocks  # (regions, cells)
         region_total = joint.sum(dim=1, keepdim=True)
         joint = (joint / region_total.clamp(min=1e-12)).view(-1, bins, columns)
         marginal_f = joint.sum(dim=2, keepdim=True)
@@ -90,7 +96,7 @@ class _MattesMutualInformation(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         index, slopes, mixing, log_conditional, total = ctx.saved_tensors
-        per_block = mixing.T @ log_conditional.view(mixing.shape[0], -1)  # each block's regions, mixed
+        per_block = log_conditional if mixing is None else mixing.T @ log_conditional.view(mixing.shape[0], -1)
         per_sample = (per_block.view(-1)[index] * slopes).sum(dim=1)
         return None, (-grad * (ctx.bins - 1) / total * per_sample).view(ctx.shape).to(ctx.dtype), None, None, None, None
 
@@ -130,10 +136,8 @@ def mutual_information_loss(fixed: torch.Tensor, warped: torch.Tensor, bins: int
     """
     if weight is None:
         weight = torch.ones_like(fixed)
-    if regions is None:
-        regions = (torch.zeros(fixed.numel(), dtype=torch.long, device=fixed.device),
-                   torch.ones(1, 1, device=fixed.device))
-    return _MattesMutualInformation.apply(fixed.detach(), warped, weight.detach(), bins, *regions)
+    block, mixing = regions if regions is not None else (None, None)
+    return _MattesMutualInformation.apply(fixed.detach(), warped, weight.detach(), bins, block, mixing)
 
 
 # The six neighbours (z, y, x) at unit distance; the 12 SSC edges join each orthogonal pair of them once.
