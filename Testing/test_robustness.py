@@ -12,7 +12,7 @@ import torch
 from DeepRegisterLib import guard, preprocess, registration, spatial
 from DeepRegisterLib.imageio import InputError, read_image
 from DeepRegisterLib.landmarks import tre
-from DeepRegisterLib.masks import detect_field_of_view
+from DeepRegisterLib.masks import detect_field_of_view, foreground_center
 from DeepRegisterLib.spatial import Grid
 from DeepRegisterLib.synthetic import make_phantom_pair
 
@@ -65,6 +65,21 @@ def test_field_of_view_is_the_fan_less_a_margin(navigated_fan_pair) -> None:
     assert detect_field_of_view(moving) is None or sitk.GetArrayViewFromImage(detect_field_of_view(moving)).mean() > 0.5
     noisy = image_like(np.random.default_rng(0).normal(100, 10, (32, 32, 32)), sitk.Image([32] * 3, sitk.sitkFloat32))
     assert detect_field_of_view(noisy) is None
+
+
+def test_foreground_centre_is_the_mean_of_the_mask_voxels_in_physical_space() -> None:
+    image = sitk.Image([20, 16, 12], sitk.sitkFloat32)
+    image.SetSpacing((0.5, 1.0, 2.0))
+    image.SetOrigin((10.0, -4.0, 3.0))
+    image.SetDirection((0.0, -1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0))
+    array = np.zeros((12, 16, 20), np.uint8)
+    array[2:5, 3:12, 7:9] = 1
+    array[9, 1, 18] = 1
+    mask = sitk.GetImageFromArray(array)
+    mask.CopyInformation(image)
+    index = np.argwhere(array > 0)[:, ::-1].mean(axis=0)
+    np.testing.assert_allclose(foreground_center(image, mask),
+                               image.TransformContinuousIndexToPhysicalPoint(index.tolist()), atol=1e-9)
 
 
 def test_masks_keep_the_fan_edge_from_attracting_the_moving_image(navigated_fan_pair) -> None:

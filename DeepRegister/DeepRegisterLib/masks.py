@@ -76,8 +76,11 @@ def foreground_center(image: sitk.Image, mask: sitk.Image | None) -> np.ndarray:
     """Physical centre (mm, LPS) of the mask's voxels, or of the image when there is no mask."""
     if mask is None:
         return image_center(image)
-    index = np.argwhere(sitk.GetArrayViewFromImage(mask) > 0)[:, ::-1].mean(axis=0)
-    return np.asarray(image.TransformContinuousIndexToPhysicalPoint(index.tolist()))
+    inside = sitk.GetArrayViewFromImage(mask) > 0
+    count = np.count_nonzero(inside)
+    index = [float(np.arange(inside.shape[axis]) @ inside.sum(axis=tuple(a for a in range(3) if a != axis))) / count
+             for axis in (2, 1, 0)]  # x, y, z: the mean index, from each axis's projection
+    return np.asarray(image.TransformContinuousIndexToPhysicalPoint(index))
 
 
 def resolve_masks(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image | None,

@@ -103,11 +103,13 @@ def write_report_png(
     displacement: sitk.Image,
     title: str = "",
     warning: str = "",
+    moving_transform: sitk.Transform | None = None,
 ) -> None:
     """Write the registration report PNG (1600 px wide) to ``path``.
 
     All inputs are 3D images covering the fixed grid: ``moving`` is the moving image
-    resampled onto it before registration, ``warped`` after; ``saliency`` is the joint
+    resampled onto it before registration (or the moving image itself, sampled through
+    ``moving_transform``, fixed -> moving, when given), ``warped`` after; ``saliency`` is the joint
     saliency in [0, 1]; ``displacement`` a 3-component vector image of LPS displacements
     in mm (fixed point p maps to moving point p + u(p)). ``warning`` (e.g. "the guard kept
     the network stage") is drawn in red under the title; the layout does not depend on it.
@@ -122,7 +124,8 @@ def write_report_png(
         raise ValueError("displacement must be a 3-component vector image (mm)")
     planes = _planes(fixed)
     images = {"fixed": fixed, "moving": moving, "warped": warped, "saliency": saliency}
-    samples = [{name: _sample(image, plane) for name, image in images.items()} for plane in planes]
+    transforms = {"moving": moving_transform or sitk.Transform()}
+    samples = [{name: _sample(image, plane, transforms.get(name)) for name, image in images.items()} for plane in planes]
     vectors = [_sample(displacement, plane) for plane in planes]
     fixed_window, moving_window = _window(fixed), _window(moving)
     largest = max(float(np.nanmax(np.linalg.norm(v, axis=-1), initial=0.0)) for v in vectors)
@@ -233,12 +236,13 @@ def _planes(image: sitk.Image) -> list[_Plane]:
     return planes
 
 
-def _sample(image: sitk.Image, plane: _Plane) -> np.ndarray:
-    """Linear samples of ``image`` on the plane, (rows, columns[, components]); NaN outside."""
+def _sample(image: sitk.Image, plane: _Plane, transform: sitk.Transform | None = None) -> np.ndarray:
+    """Linear samples of ``image`` at the plane's points mapped by ``transform`` (default: identity),
+    (rows, columns[, components]); NaN outside."""
     vector = image.GetNumberOfComponentsPerPixel() > 1
     pixel = sitk.sitkVectorFloat32 if vector else sitk.sitkFloat32
     resampled = sitk.Resample(
-        image, plane.reference, sitk.Transform(), sitk.sitkLinear, math.nan, pixel
+        image, plane.reference, transform or sitk.Transform(), sitk.sitkLinear, math.nan, pixel
     )
     return sitk.GetArrayFromImage(resampled)[0].astype(np.float64)
 

@@ -161,10 +161,9 @@ def _write_outputs(folder: Path, result: RegistrationResult, fixed: sitk.Image, 
             if warm_up is not None:
                 warm_up.result()
 
-            moving_before = sitk.Resample(moving, fixed, result.initial_transform, sitk.sitkLinear, 0.0,
-                                          sitk.sitkFloat32)
-            write_report_png(folder / "report.png", fixed, moving_before, result.warped, result.saliency,
-                             result.displacement_field(), title=_title(report), warning=_warning_line(report))
+            write_report_png(folder / "report.png", fixed, moving, result.warped, result.saliency,
+                             result.displacement_field(), title=_title(report), warning=_warning_line(report),
+                             moving_transform=result.initial_transform)
             files.append("report.png")
         finally:
             for job in jobs:
