@@ -129,6 +129,52 @@ def test_auto_start_trusts_physical_positions_only_where_they_overlap(navigated_
     assert median_tre(fixed_points, moving_points + 300.0, moved.initial_transform) < 15.0  # near the navigated start
 
 
+def test_a_searched_translation_replaces_a_start_whose_stages_were_all_refused(navigated_fan_pair) -> None:
+    fixed, moving, fixed_points, moving_points, _ = navigated_fan_pair
+    offset = np.array([-4.0, 3.0, 3.0])  # the navigation off by 5.8 mm, on a cropped MR (centres say nothing)
+    moving = sitk.Crop(moving, [4, 0, 0], [0, 0, 0])
+    moving.SetOrigin(tuple(np.asarray(moving.GetOrigin()) + offset))
+    moving_points = moving_points + offset
+    result = registration.register(fixed, moving, model="generic", iterations=0, device="cpu")
+    assert [(stage["stage"], stage["accepted"]) for stage in result.stages] == [
+        ("start", True), ("network", False), ("search", True)]
+    assert result.kept_stage == "search" and not result.succeeded and "MIND-SSC" in result.warnings[-1]
+    before = median_tre(fixed_points, moving_points, result.initial_transform)
+    assert median_tre(fixed_points, moving_points, result.transform) < 0.5 * before
+    moved = np.asarray(result.transform.TransformPoint(fixed_points[0].tolist())) - result.initial_transform.TransformPoint(
+        fixed_points[0].tolist())
+    assert 0.5 < np.linalg.norm(moved) <= preprocess.SEARCH_REACH_MM * np.sqrt(3)
+
+
+def test_searched_translation_finds_a_known_shift(monkeypatch: pytest.MonkeyPatch) -> None:
+    pair = make_phantom_pair(5, (48, 48, 48), spacing=2.0, max_mm=0.0, ultrasound=False)
+    shift = np.array([4.0, -6.0, 2.0])  # mm: the moving image shows the fixed one's point p at p + shift
+    moved = sitk.Image(pair.fixed)
+    moved.SetOrigin(tuple(np.asarray(pair.fixed.GetOrigin()) + shift))
+    inputs = preprocess.PairInputs.prepare(pair.fixed, moved, registration.instance_card(), sitk.TranslationTransform(3))
+    judge = inputs.judge(preprocess.judge_grid(pair.fixed), torch.device("cpu"))
+    found, agreement = preprocess.searched_translation(judge)
+    assert np.abs(found - shift).max() <= preprocess.judge_grid(pair.fixed).spacing[0] / 2 + 1e-6
+    assert agreement <= preprocess.judge_grid(pair.fixed).spacing[0] + 1e-6  # each half sees the same shift
+    messages: list[str] = []
+    accepted = preprocess.searched_start(judge, messages)
+    assert accepted is not None and np.allclose(accepted[0], found) and accepted[1].stage == "search" and not messages
+    # refused: halves further apart than the cap; a move no longer than the halves' disagreement
+    short = found / np.linalg.norm(found) * 1.0
+    for move, disagreement in ((found, preprocess.SEARCH_AGREEMENT_MM + 0.1), (short, 1.5)):
+        monkeypatch.setattr(preprocess, "searched_translation", lambda judge, t=move, d=disagreement: (t, d))
+        assert preprocess.searched_start(judge, messages) is None
+    assert "apart" in messages[0] and "no larger than" in messages[1]
+
+
+def test_the_search_leaves_an_aligned_pair_where_it_is() -> None:
+    fixed, moving, points = fooling_pair()
+    result = registration.register(fixed, moving, iterations=100, device="cpu", similarity="lncc")
+    assert result.initial == "physical" and result.kept_stage == "start"
+    assert any("translation search" in message for message in result.messages)
+    assert median_tre(points, points, result.transform) < 0.05
+
+
 def fooling_pair() -> tuple[sitk.Image, sitk.Image, np.ndarray]:
     """A pair aligned from the start (the moving image is the fixed one under a non-monotone
     intensity remap): any move makes it worse, and LNCC, which needs a monotone relation, is fooled."""

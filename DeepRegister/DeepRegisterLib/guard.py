@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from . import spatial
-from .losses import mind_loss, mind_ssc, mutual_information_loss, soft_dice
+from .losses import mind_loss, mind_ssc, mutual_information_loss, position_regions, soft_dice
 from .spatial import Grid
 
 MAX_FOLDING_PERCENT = 0.1  # a stage whose field folds on more voxels than this is refused
@@ -104,16 +104,21 @@ class StageJudge:
         self.organs = (fixed_organ, moving_organ)
 
     @torch.no_grad()
-    def score(self, stage: str, displacement: torch.Tensor) -> StageScore:
+    def score(self, stage: str, displacement: torch.Tensor, regions: int = 1) -> StageScore:
         """Scores of the moving image warped by ``displacement`` (1, 3, Z, Y, X) in mm on the grid, and the
-        field's folding and implausible volume change (from one Jacobian determinant)."""
+        field's folding and implausible volume change (from one Jacobian determinant); ``regions`` > 1:
+        mutual information conditional on position, on a lattice of that many regions per axis
+        (:func:`DeepRegisterLib.losses.position_regions`)."""
         identity = not displacement.any()  # a start position: the moving image as it stands
         warped = self.moving_stack if identity else spatial.warp(self.moving_stack, displacement, self.grid,
                                                                  padding_mode="border")
         descriptors, image, mask = warped[:, :-2], warped[:, -2:-1], warped[:, -1:]
         weight = self.fixed_mask * (mask > 0.5)
         mind = float(mind_loss(self.fixed_descriptors, descriptors, weight))
-        mi = float(mutual_information_loss(self.fixed, image, weight=weight))
+        lattice = None
+        if regions > 1:
+            lattice = position_regions(tuple(torch.arange(n, device=image.device) / (n - 1.0) for n in self.grid.shape), regions)
+        mi = float(mutual_information_loss(self.fixed, image, weight=weight, regions=lattice))
         folding_percent = volume_change = 0.0
         if not identity:
             determinant = spatial.jacobian_determinant(displacement, self.grid)

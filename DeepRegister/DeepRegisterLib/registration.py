@@ -17,8 +17,8 @@ from .imageio import InputError, check_volume
 from .masks import resolve_masks
 from .models import ModelCard, load_model
 from .options import DEFAULT_ITERATIONS_WITHOUT_MODEL, INITIAL_POSITIONS, SIMILARITIES
-from .preprocess import (FINETUNE_GRID_VOXELS, MIN_OVERLAP, PairInputs, finetune_grid, judge_grid, model_grid,
-                         physical_overlap, start_position)
+from .preprocess import (FINETUNE_GRID_VOXELS, MIN_OVERLAP, SEARCH_REACH_MM, PairInputs, finetune_grid, judge_grid,
+                         model_grid, physical_overlap, searched_start, start_position)
 from .prior import GlandPrior, prior_displacement
 # RegistrationCancelled: re-exported (DeepRegisterLib.RegistrationCancelled, older imports)
 from .progress import ProgressCallback, RegistrationCancelled, report_progress  # noqa: F401
@@ -100,7 +100,9 @@ def register(fixed: sitk.Image, moving: sitk.Image, model: str | None = None, de
 
     Each stage (start, network, affine and deformable fine-tuning) is judged inside the masks
     (:mod:`DeepRegisterLib.guard`); a stage that makes the alignment worse, or folds, is dropped
-    and ``warnings`` say so. ``progress(stage, fraction)`` is called during each stage; return
+    and ``warnings`` say so. When every stage after an automatic start is dropped, the start moved by a
+    searched translation (:func:`DeepRegisterLib.preprocess.searched_start`) is kept where it passes, as
+    the stage "search", with a warning. ``progress(stage, fraction)`` is called during each stage; return
     ``False`` to cancel (raises :class:`RegistrationCancelled`). On a CUDA out-of-memory error the
     registration is redone on the CPU with a warning.
     """
@@ -196,6 +198,9 @@ def _register(fixed: sitk.Image, moving: sitk.Image, device: torch.device, model
     with torch.no_grad():
         def stage_field(stage: str, target: Grid) -> torch.Tensor:
             """A stage's displacement (1, 3, Z, Y, X) in mm on ``target``, on top of the start position."""
+            if stage == "search":
+                offset = torch.as_tensor(search[0], dtype=torch.float32, device=device).view(1, 3, 1, 1, 1)
+                return offset.expand(1, 3, *target.shape).clone()
             field = (torch.zeros(1, 3, *target.shape, device=device) if network_field is None or stage == "start"
                      else spatial.resample_field(network_field, grid, target))
             if stage in ("affine", "deformable"):
@@ -216,6 +221,17 @@ def _register(fixed: sitk.Image, moving: sitk.Image, device: torch.device, model
             field_small = stage_field(stage, small)
             scores.append(judge.score(stage, field_small))
         kept, guard_warnings = guard.choose(scores)
+        search = None  # (translation in mm, score): the automatic start moved, when every later stage was refused
+        if kept is scores[0] and len(scores) > 1 and start_judge is not None:
+            search = searched_start(judge, messages)
+            if search is not None:
+                kept = search[1]
+                kept.accepted = True
+                scores.append(kept)
+                guard_warnings[-1] = ("The result is the start position moved by ({:.1f}, {:.1f}, {:.1f}) mm (LPS), the "
+                                      "translation within {:g} mm that best aligns the MIND-SSC descriptors (both halves of "
+                                      "the fixed image and mutual information agree): check it before relying on it."
+                                      ).format(*search[0], SEARCH_REACH_MM)
         saliency_grid = pyramid.saliency_level(1)[2]
         saliency_small = pyramid.joint_saliency(1, stage_field(kept.stage, saliency_grid))
         full = stage_field(kept.stage, fixed_grid)
