@@ -359,6 +359,12 @@ def test_masks_reach_every_method_command(tmp_path: Path, monkeypatch: pytest.Mo
     assert command[1:4] == ["-m", "DeepRegisterLib.cli", "register"]
     assert command[command.index("--fixed-mask") + 1] == fixed_mask and "--moving-mask" not in command
     assert command[command.index("--iterations") + 1] == "3" and command[command.index("--model") + 1] == "none"
+    assert "--initial" not in command
+    physical = benchmark.expand_methods(["deepregister"], ["generic"], quick=True, initial="physical")
+    assert [m.name for m in physical] == ["deepregister/generic (physical)", "deepregister/generic+ft (physical)"]
+    assert all(m.options["initial"] == "physical" for m in physical)
+    started = benchmark.process_command(pair, physical[1], tmp_path, 1)
+    assert started[started.index("--initial") + 1] == "physical"
     # a DeepRegister process that wrote its outputs with the guard's warnings (exit 3) is a result, not a failure
     (tmp_path / "result").mkdir()
     (tmp_path / "result" / "report.json").write_text(json.dumps({"peak_memory_mb": 50.0}))

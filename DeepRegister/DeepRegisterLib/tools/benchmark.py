@@ -73,6 +73,7 @@ import SimpleITK as sitk
 from ..imageio import center_alignment, read_image
 from ..landmarks import read_landmarks, tre
 from ..memory import peak_memory_mb
+from ..options import INITIAL_POSITIONS
 
 METHOD_GROUPS = ("deepregister", "elastix", "ants")
 DEFAULT_FINETUNE_ITERATIONS = 40  # "+ft" runs of models whose card sets no fine-tuning default
@@ -153,11 +154,12 @@ def read_pairs(path: str | Path) -> list[BenchmarkPair]:
     return pairs
 
 
-def expand_methods(groups: list[str], models: list[str] | None, quick: bool) -> list[Method]:
+def expand_methods(groups: list[str], models: list[str] | None, quick: bool, initial: str = "auto") -> list[Method]:
     """The configurations behind ``deepregister``, ``elastix`` and ``ants``.
 
     ``models``: model names for deepregister (default: every installed model). ``quick``: a few
-    iterations everywhere, for smoke tests only.
+    iterations everywhere, for smoke tests only. ``initial``: deepregister's start position (named
+    in the method when not "auto").
     """
     from ..models import find_model, list_models, read_card
 
@@ -166,15 +168,17 @@ def expand_methods(groups: list[str], models: list[str] | None, quick: bool) -> 
         raise ValueError(f"Unknown method(s) {', '.join(unknown)}; use {', '.join(METHOD_GROUPS)}.")
     methods = []
     if "deepregister" in groups:
+        start, suffix = ({}, "") if initial == "auto" else ({"initial": initial}, f" ({initial})")
         names = models if models is not None else [card.name for card in list_models()]
         for name in names:
             card = read_card(find_model(name))
             iterations = 5 if quick else (card.finetune_iterations or DEFAULT_FINETUNE_ITERATIONS)
-            methods.append(Method(f"deepregister/{name}", "deepregister", {"model": name, "iterations": 0}))
-            methods.append(Method(f"deepregister/{name}+ft", "deepregister", {"model": name, "iterations": iterations}))
+            methods.append(Method(f"deepregister/{name}{suffix}", "deepregister", {"model": name, "iterations": 0, **start}))
+            methods.append(Method(f"deepregister/{name}+ft{suffix}", "deepregister",
+                                  {"model": name, "iterations": iterations, **start}))
         if not names:
-            methods.append(Method("deepregister/finetune", "deepregister",
-                                  {"model": None, "iterations": 5 if quick else 150}))
+            methods.append(Method(f"deepregister/finetune{suffix}", "deepregister",
+                                  {"model": None, "iterations": 5 if quick else 150, **start}))
     if "elastix" in groups:
         methods.append(Method("elastix", "elastix", {"affine_iterations": 16 if quick else 256,
                                                      "bspline_iterations": 16 if quick else 500}))
@@ -195,8 +199,10 @@ def _run_deepregister(fixed_path: str, moving_path: str, options: dict, out: Pat
     fixed, moving = read_image(fixed_path), read_image(moving_path)
     # The masks contract: SimpleITK images on their image's grid, nonzero = inside; passed only when
     # the pair has them, so pairs without masks run on any version of register().
-    extra = {key: sitk.ReadImage(path, sitk.sitkUInt8)
-             for key, path in zip(("fixed_mask", "moving_mask"), masks) if path}
+    extra: dict = {key: sitk.ReadImage(path, sitk.sitkUInt8)
+                   for key, path in zip(("fixed_mask", "moving_mask"), masks) if path}
+    if "initial" in options:
+        extra["initial"] = options["initial"]
     start = time.perf_counter()
     result = register(fixed, moving, model=options["model"], iterations=options["iterations"], device="cpu", **extra)
     seconds = time.perf_counter() - start
@@ -410,6 +416,8 @@ def process_command(pair: BenchmarkPair, method: Method, folder: Path, threads: 
         command = [sys.executable, "-m", "DeepRegisterLib.cli", "register", "--fixed", fixed, "--moving", moving,
                    "--out", str(folder / "result"), "--device", "cpu",
                    "--iterations", str(method.options["iterations"]), "--model", method.options.get("model") or "none"]
+        if "initial" in method.options:
+            command += ["--initial", method.options["initial"]]
         for flag, path in zip(("--fixed-mask", "--moving-mask"), pair.masks):
             if path:
                 command += [flag, path]
@@ -670,6 +678,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tuned-on", default="",
                         help="comma-separated families whose dev pairs settings were chosen on, for the report "
                              "(default: none)")
+    parser.add_argument("--initial", choices=INITIAL_POSITIONS, default="auto",
+                        help="DeepRegister's start position (register --initial); default auto")
     parser.add_argument("--timing", choices=TIMINGS, default="steady",
                         help="steady: the registration call alone after a warm-up (default); process: each "
                              "method as a whole fresh process, imports and file I/O included")
@@ -693,7 +703,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"{args.pairs} has no pairs with split {args.split or 'any'} and families "
                              f"{', '.join(families) if families else 'any'}.")
         methods = expand_methods([m.strip() for m in args.methods.split(",") if m.strip()],
-                                 [m.strip() for m in args.models.split(",")] if args.models else None, args.quick)
+                                 [m.strip() for m in args.models.split(",")] if args.models else None, args.quick,
+                                 args.initial)
     except (ValueError, LookupError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
