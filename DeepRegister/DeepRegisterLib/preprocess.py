@@ -228,10 +228,14 @@ def searched_translation(judge: guard.StageJudge) -> tuple[np.ndarray, float]:
 def searched_start(judge: guard.StageJudge, messages: list[str]) -> tuple[np.ndarray, guard.StageScore] | None:
     """The judge's start moved by :func:`searched_translation` (the translation in mm and its score as
     the stage "search"), when the two halves of the fixed mask agree on it (within SEARCH_AGREEMENT_MM,
-    and closer than the move is long: a move within its own uncertainty is no evidence) and MIND-SSC (by CENTERS_MARGIN) and mutual information conditional on position (SEARCH_MI_REGIONS
-    per axis: an ultrasound's depth attenuation is no misalignment) both rate it above the start; else
-    None, with the reason in ``messages``."""
+    and closer than the move is long: a move within its own uncertainty is no evidence) and MIND-SSC
+    (by CENTERS_MARGIN) and mutual information conditional on position (SEARCH_MI_REGIONS per axis: an
+    ultrasound's depth attenuation is no misalignment) both rate it above the start; else None, with
+    the reason in ``messages``."""
     found, agreement = searched_translation(judge)
+    if not np.any(found):
+        messages.append(f"A translation search found no better position than the start within {SEARCH_REACH_MM:g} mm.")
+        return None
     if agreement > SEARCH_AGREEMENT_MM:
         messages.append(f"A translation search was not used: the two halves of the fixed image found translations "
                         f"{agreement:.1f} mm apart (more than {SEARCH_AGREEMENT_MM:g} mm).")
