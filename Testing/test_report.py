@@ -155,3 +155,16 @@ def test_warning_is_drawn_in_red_in_the_header_only(tmp_path, baseline):
     # Shortened to one line: it stays inside the figure's width.
     columns = np.flatnonzero(red.any(axis=0))
     assert columns.min() > 0 and columns.max() < warned.shape[1] - 1
+
+
+def test_moving_image_sampled_through_the_start_transform_looks_as_resampled(tmp_path, baseline):
+    images = synthetic_pair()
+    offset = (7.0, -5.0, 3.0)  # the raw moving image lies this far away; the start transform brings it back
+    raw = sitk.Image(images["moving"])
+    raw.SetOrigin(tuple(np.asarray(raw.GetOrigin()) + offset))
+    through = render(tmp_path / "through.png", {**images, "moving": raw}, title="synthetic test")
+    assert column_difference(through, baseline).max() > 0.05  # without the transform the moving panel differs
+    report.write_report_png(tmp_path / "start.png", title="synthetic test", moving_transform=sitk.TranslationTransform(3, offset),
+                            **{**images, "moving": raw})
+    start = matplotlib.image.imread(str(tmp_path / "start.png"))[..., :3]
+    assert column_difference(start, baseline).max() < 0.01

@@ -143,7 +143,7 @@ def test_a_searched_translation_replaces_a_start_whose_stages_were_all_refused(n
     assert median_tre(fixed_points, moving_points, result.transform) < 0.5 * before
     moved = np.asarray(result.transform.TransformPoint(fixed_points[0].tolist())) - result.initial_transform.TransformPoint(
         fixed_points[0].tolist())
-    assert 0.5 < np.linalg.norm(moved) <= preprocess.SEARCH_REACH_MM * np.sqrt(3)
+    assert 0.5 < np.linalg.norm(moved) <= (preprocess.SEARCH_REACH_MM + 2 * 2.0) * np.sqrt(3)  # + a voxel each pass
 
 
 def test_searched_translation_finds_a_known_shift(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -154,8 +154,9 @@ def test_searched_translation_finds_a_known_shift(monkeypatch: pytest.MonkeyPatc
     inputs = preprocess.PairInputs.prepare(pair.fixed, moved, registration.instance_card(), sitk.TranslationTransform(3))
     judge = inputs.judge(preprocess.judge_grid(pair.fixed), torch.device("cpu"))
     found, agreement = preprocess.searched_translation(judge)
-    assert np.abs(found - shift).max() <= preprocess.judge_grid(pair.fixed).spacing[0] / 2 + 1e-6
-    assert agreement <= preprocess.judge_grid(pair.fixed).spacing[0] + 1e-6  # each half sees the same shift
+    spacing = preprocess.judge_grid(pair.fixed).spacing[0]  # the search moves by whole voxels of a rotated grid
+    assert np.linalg.norm(found - shift) <= np.sqrt(3) / 2 * spacing + 1e-6
+    assert agreement <= spacing + 1e-6  # each half sees the same shift
     messages: list[str] = []
     accepted = preprocess.searched_start(judge, messages)
     assert accepted is not None and np.allclose(accepted[0], found) and accepted[1].stage == "search" and not messages
@@ -171,7 +172,7 @@ def test_the_search_leaves_an_aligned_pair_where_it_is() -> None:
     fixed, moving, points = fooling_pair()
     result = registration.register(fixed, moving, iterations=100, device="cpu", similarity="lncc")
     assert result.initial == "physical" and result.kept_stage == "start"
-    assert any("translation search" in message for message in result.messages)
+    assert any("found no better position than the start" in message for message in result.messages)
     assert median_tre(points, points, result.transform) < 0.05
 
 

@@ -23,8 +23,9 @@ OVERLAP_SAMPLES = 4096  # fixed foreground voxels the overlap checks count
 MIN_OVERLAP = 0.05  # the fixed foreground share that must lie in the moving one at the start
 MIN_PHYSICAL_OVERLAP = 0.5  # "auto" start: the fixed foreground share that must map into the moving image
 CENTERS_MARGIN = 0.02  # "auto" start: relative MIND gain another start needs over the foreground centres
-SEARCH_REACH_MM = 8.0  # the fallback translation search looks this far from the "auto" start along each axis
+SEARCH_REACH_MM = 8.0  # the fallback translation search looks about this far from the "auto" start along each grid axis
 SEARCH_COARSE_FACTOR = 2  # ... first on the judge's grid this many times coarser, then on the grid itself
+SEARCH_MAX_STEPS = 8  # ... and at most this many coarse voxels (a small image's search reaches less far)
 SEARCH_MIN_OVERLAP = 0.5  # ... at a translation where at least this share of the start's compared voxels remains
 SEARCH_AGREEMENT_MM = 2.5  # ... and when the two halves of the fixed mask, searched alone, find translations this close
 SEARCH_MI_REGIONS = 4  # ... kept when mutual information conditional on position (this many regions per axis) agrees
@@ -170,8 +171,9 @@ def _best_shifts(fixed: torch.Tensor, fixed_weights: torch.Tensor, moving: torch
     """For each fixed weight map k (K, 1, Z, Y, X), the integer voxel shift d (z, y, x) within ``reach``
     of ``centres[k]`` that minimises the weighted mean squared difference of descriptors (1, C, Z, Y, X)
     between fixed(x) and moving(x + d), weights fixed_weights[k](x) * moving_weight(x + d); shifts
-    keeping less than SEARCH_MIN_OVERLAP of the weight at the centre are not considered."""
+    keeping less than SEARCH_MIN_OVERLAP of the weight at d = 0 (the start) are not considered."""
     shape = fixed.shape[2:]
+    floors = SEARCH_MIN_OVERLAP * (fixed_weights * moving_weight).sum(dim=(1, 2, 3, 4))  # the start's overlap
     costs: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
     offsets = np.stack([np.asarray(c) for c in centres])
     for d in {tuple(int(v) for v in c + s - reach) for c in offsets for s in np.ndindex(*(2 * reach + 1,) * 3)}:
@@ -185,9 +187,8 @@ def _best_shifts(fixed: torch.Tensor, fixed_weights: torch.Tensor, moving: torch
         costs[d] = ((ssd * weight).sum(dim=(1, 2, 3, 4)) / totals.clamp(min=1e-8), totals)
     best = []
     for k, centre in enumerate(centres):
-        floor = SEARCH_MIN_OVERLAP * float(costs[centre][1][k]) if centre in costs else 0.0
         near = {d: float(cost[k]) for d, (cost, totals) in costs.items()
-                if max(abs(a - b) for a, b in zip(d, centre)) <= reach and float(totals[k]) >= max(floor, 1e-8)}
+                if max(abs(a - b) for a, b in zip(d, centre)) <= reach and float(totals[k]) >= max(float(floors[k]), 1e-8)}
         best.append(min(near, key=near.get) if near else centre)
     return best
 
@@ -206,17 +207,18 @@ def _halves(mask: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def searched_translation(judge: guard.StageJudge) -> tuple[np.ndarray, float]:
-    """The translation (mm, LPS, fixed -> moving; to add to the judge's start position) within
-    SEARCH_REACH_MM along each axis that best aligns the MIND-SSC descriptors inside the judge's masks,
-    and how far apart (mm) the translations are that the two halves of the fixed mask find alone,
-    across the axis where they agree best. An exhaustive search over whole voxels of the judge's grid
-    made SEARCH_COARSE_FACTOR times coarser, then over the neighbouring voxels of the grid itself."""
+    """The translation (mm, LPS, fixed -> moving; to add to the judge's start position) that best aligns
+    the MIND-SSC descriptors inside the judge's masks, and how far apart (mm) the translations are that
+    the two halves of the fixed mask find alone, across the axis where they agree best. An exhaustive
+    search over whole voxels of the judge's grid made SEARCH_COARSE_FACTOR times coarser, SEARCH_REACH_MM
+    (to the nearest coarse voxel, at most SEARCH_MAX_STEPS of them) along each axis of the grid, then
+    over the neighbouring voxels of the grid itself (so up to one voxel further)."""
     grid, factor = judge.grid, SEARCH_COARSE_FACTOR
     fixed, fixed_weights = judge.fixed_descriptors, _halves((judge.fixed_mask > 0.5).float())
     moving, moving_weight = judge.moving_stack[:, :-2], (judge.moving_stack[:, -1:] > 0.5).float()
     pooled = [F.avg_pool3d(v, factor, ceil_mode=True) for v in (fixed, fixed_weights, moving, moving_weight)]
     pooled[1], pooled[3] = (pooled[1] > 0.99).float(), (pooled[3] > 0.99).float()
-    reach = max(1, round(SEARCH_REACH_MM / (factor * min(grid.spacing))))
+    reach = min(SEARCH_MAX_STEPS, max(1, round(SEARCH_REACH_MM / (factor * min(grid.spacing)))))
     coarse = _best_shifts(*pooled, [(0, 0, 0)] * len(fixed_weights), reach)
     fine = _best_shifts(fixed, fixed_weights, moving, moving_weight,
                         [tuple(factor * v for v in shift) for shift in coarse], factor - 1)
@@ -230,11 +232,13 @@ def searched_start(judge: guard.StageJudge, messages: list[str]) -> tuple[np.nda
     the stage "search"), when the two halves of the fixed mask agree on it (within SEARCH_AGREEMENT_MM,
     and closer than the move is long: a move within its own uncertainty is no evidence) and MIND-SSC
     (by CENTERS_MARGIN) and mutual information conditional on position (SEARCH_MI_REGIONS per axis: an
-    ultrasound's depth attenuation is no misalignment) both rate it above the start; else None, with
-    the reason in ``messages``."""
+    ultrasound's depth attenuation is no misalignment) both rate it above the start (the search minimises
+    MIND-SSC on the same grid, so its check only rules out ties; mutual information and the halves are
+    the evidence), and, with organ maps, their soft Dice loses at most guard.ORGAN_TOLERANCE; else None,
+    with the reason in ``messages``."""
     found, agreement = searched_translation(judge)
     if not np.any(found):
-        messages.append(f"A translation search found no better position than the start within {SEARCH_REACH_MM:g} mm.")
+        messages.append(f"A translation search found no better position than the start within about {SEARCH_REACH_MM:g} mm.")
         return None
     if agreement > SEARCH_AGREEMENT_MM:
         messages.append(f"A translation search was not used: the two halves of the fixed image found translations "
@@ -248,8 +252,12 @@ def searched_start(judge: guard.StageJudge, messages: list[str]) -> tuple[np.nda
     field = torch.as_tensor(found, dtype=zero.dtype, device=zero.device).view(1, 3, 1, 1, 1).expand_as(zero)
     before, after = judge.score("start", zero, SEARCH_MI_REGIONS), judge.score("search", field, SEARCH_MI_REGIONS)
     if not (after.mind < before.mind * (1.0 - CENTERS_MARGIN) and after.mi < before.mi):
-        messages.append(f"A translation search found no position within {SEARCH_REACH_MM:g} mm that both MIND-SSC "
+        messages.append(f"A translation search found no position within about {SEARCH_REACH_MM:g} mm that both MIND-SSC "
                         "and mutual information rate better than the start.")
+        return None
+    if after.organ_dice is not None and after.organ_dice < before.organ_dice - guard.ORGAN_TOLERANCE:
+        messages.append("A translation search was not used: the organ outlines overlap less there (soft Dice "
+                        f"{before.organ_dice:.3f} -> {after.organ_dice:.3f}).")
         return None
     return found, judge.score("search", field)
 

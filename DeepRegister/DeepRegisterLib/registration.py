@@ -229,7 +229,7 @@ def _register(fixed: sitk.Image, moving: sitk.Image, device: torch.device, model
                 kept.accepted = True
                 scores.append(kept)
                 guard_warnings[-1] = ("The result is the start position moved by ({:.1f}, {:.1f}, {:.1f}) mm (LPS), the "
-                                      "translation within {:g} mm that best aligns the MIND-SSC descriptors (both halves of "
+                                      "translation within about {:g} mm that best aligns the MIND-SSC descriptors (both halves of "
                                       "the fixed image and mutual information agree): check it before relying on it."
                                       ).format(*search[0], SEARCH_REACH_MM)
         saliency_grid = pyramid.saliency_level(1)[2]

@@ -107,9 +107,11 @@ def write_report_png(
 ) -> None:
     """Write the registration report PNG (1600 px wide) to ``path``.
 
-    All inputs are 3D images covering the fixed grid: ``moving`` is the moving image
-    resampled onto it before registration (or the moving image itself, sampled through
-    ``moving_transform``, fixed -> moving, when given), ``warped`` after; ``saliency`` is the joint
+    ``fixed``, ``warped``, ``saliency`` and ``displacement`` are 3D images covering the fixed grid;
+    ``moving`` is the moving image resampled onto it before registration, or, with
+    ``moving_transform`` (fixed -> moving), the moving image itself on its own grid, sampled through
+    that transform on the planes (NaN, shown black, outside it; its intensity window then comes from
+    the whole moving volume); ``warped`` is the moving image after registration; ``saliency`` is the joint
     saliency in [0, 1]; ``displacement`` a 3-component vector image of LPS displacements
     in mm (fixed point p maps to moving point p + u(p)). ``warning`` (e.g. "the guard kept
     the network stage") is drawn in red under the title; the layout does not depend on it.

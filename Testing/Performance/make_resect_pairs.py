@@ -10,7 +10,8 @@ resliced into the ultrasound's space works as well). Families (column ``family``
 
 * ``resect``: the pair as loaded, aligned by the navigation system (split ``test``).
 * ``resect-moved``: the same pair with the MR moved by a known rigid transform (3-6 degrees about a
-  random axis through a point up to 30 mm from the ultrasound's centre, then 3-6 mm), written into
+  random axis through a random point near the ultrasound's centre: each coordinate of its offset normal
+  with a standard deviation of U(0, 30) mm / sqrt(3); then 3-6 mm), written into
   the MR's header (origin and direction: no resampling) and applied to its landmarks: what a
   registration must recover when the navigation is off by a few millimetres. The MR is also cropped
   by up to a quarter of its extent on each side (keeping every landmark 3 mm inside), so that the
@@ -46,9 +47,13 @@ CROP_FRACTION, CROP_MARGIN_MM = 0.25, 3.0
 def read_tag(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """(MR points, ultrasound points), (N, 3) each in LPS mm, from an MNI .tag file of two volumes."""
     text = path.read_text(encoding="utf-8", errors="replace")
+    if "Points" not in text or "=" not in text.split("Points", 1)[1]:
+        raise ValueError(f"{path}: not an MNI .tag file (no 'Points =' section).")
     body = text.split("Points", 1)[1].split("=", 1)[1]
     rows = [re.findall(r"[-+0-9.eE]+", line) for line in body.replace(";", "\n").splitlines()]
     values = np.array([[float(v) for v in row[:6]] for row in rows if len(row) >= 6])
+    if values.size == 0:
+        raise ValueError(f"{path}: no point pairs (six coordinates per line after 'Points =').")
     ras_to_lps = np.array([-1.0, -1.0, 1.0])
     return values[:, :3] * ras_to_lps, values[:, 3:6] * ras_to_lps
 
@@ -63,7 +68,8 @@ def rotation(axis: np.ndarray, degrees: float) -> np.ndarray:
 
 def moved(image: sitk.Image, points: np.ndarray, centre: np.ndarray, seed: int
           ) -> tuple[sitk.Image, np.ndarray, dict]:
-    """``image`` and ``points`` moved by the rigid transform of ``seed`` (header only)."""
+    """``image`` (cropped, see :func:`_cropped`) and ``points`` moved by the rigid transform of ``seed``,
+    written into the image's origin and direction (no resampling)."""
     rng = np.random.default_rng(seed)
     matrix = rotation(rng.normal(size=3), rng.uniform(*DEGREES))
     pivot = centre + rng.normal(size=3) / np.sqrt(3.0) * rng.uniform(0.0, PIVOT_MM)
