@@ -121,6 +121,8 @@ def test_auto_start_trusts_physical_positions_only_where_they_overlap(navigated_
     fixed, moving, fixed_points, moving_points, _ = navigated_fan_pair
     result = registration.register(fixed, moving, iterations=0, device="cpu")
     assert result.initial == "physical" and np.allclose(result.initial_transform.GetOffset(), 0)
+    started = [message for message in result.messages if message.startswith("Started from")]
+    assert len(started) == 1 and "physical positions" in started[0]  # whichever candidate, the message says so
     far = sitk.Image(moving)
     far.SetOrigin(tuple(np.asarray(moving.GetOrigin()) + 300.0))  # a scanner frame far away
     moved = registration.register(fixed, far, iterations=0, device="cpu")

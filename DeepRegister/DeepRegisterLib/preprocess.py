@@ -299,7 +299,8 @@ def start_position(inputs: PairInputs, judge_masks: tuple[sitk.Image | None, sit
     agreeing = [name for name, score in scores.items()
                 if score.mind < default.mind * (1.0 - CENTERS_MARGIN) and score.mi < default.mi]
     best = min(agreeing, key=lambda name: scores[name].mind) if agreeing else default.stage
-    messages.append(f"Started from {best}" + ("." if best == default.stage else
-                                              ": both similarities rate it above the foreground centres."))
     physical = np.allclose(candidates[best].GetOffset(), 0.0, atol=1e-3)  # image centres may coincide already
+    where = best if not physical or best == "the physical positions" else f"{best} (here: the physical positions)"
+    messages.append(f"Started from {where}" + ("." if best == default.stage else
+                                               ": both similarities rate it above the foreground centres."))
     return candidates[best], "physical" if physical else "centers", judges[best]
