@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from . import spatial
 from .filters import gaussian_smooth
 from .imageio import InputError
-from .losses import BendingEnergy, lncc_loss, mind_loss, mind_ssc, mutual_information_loss, position_regions, soft_dice
+from .losses import BendingEnergy, grid_regions, lncc_loss, mind_loss, mind_ssc, mutual_information_loss, soft_dice
 from .options import SIMILARITIES
 from .preprocess import SALIENCY_GRID_VOXELS, steps_covering
 from .progress import ProgressCallback, report_progress
@@ -336,9 +336,8 @@ def fine_tune(pyramid: Pyramid, initial: torch.Tensor, iterations: int,
                     ox, oy, oz = offset
                     voxels = (..., slice(oz, None, stride), slice(oy, None, stride), slice(ox, None, stride))
                     regions = None
-                    if metric == "mi" and MI_REGIONS > 1:  # each subgrid voxel's position as a fraction of the level's extent
-                        regions = position_regions(tuple(torch.arange(o, n, stride, device=device) / (n - 1.0)
-                                                         for o, n in zip((oz, oy, ox), level_grid.shape)), MI_REGIONS)
+                    if metric == "mi" and MI_REGIONS > 1:
+                        regions = grid_regions(level_grid.shape, MI_REGIONS, (oz, oy, ox), stride, device)
                     subgrids[offset] = (level_grid.strided(offset, stride), fixed_features[voxels].contiguous(),
                                         weight_map[voxels].contiguous(), initial_coordinates[voxels + (slice(None),)].contiguous(),
                                         fixed_organ[voxels].contiguous() if use_organs else None, regions)

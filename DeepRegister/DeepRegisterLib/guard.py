@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from . import spatial
-from .losses import mind_loss, mind_ssc, mutual_information_loss, position_regions, soft_dice
+from .losses import grid_regions, mind_loss, mind_ssc, mutual_information_loss, soft_dice
 from .spatial import Grid
 
 MAX_FOLDING_PERCENT = 0.1  # a stage whose field folds on more voxels than this is refused
@@ -108,16 +108,14 @@ class StageJudge:
         """Scores of the moving image warped by ``displacement`` (1, 3, Z, Y, X) in mm on the grid, and the
         field's folding and implausible volume change (from one Jacobian determinant); ``regions`` > 1:
         mutual information conditional on position, on a lattice of that many regions per axis
-        (:func:`DeepRegisterLib.losses.position_regions`)."""
+        (:func:`DeepRegisterLib.losses.grid_regions`)."""
         identity = not displacement.any()  # a start position: the moving image as it stands
         warped = self.moving_stack if identity else spatial.warp(self.moving_stack, displacement, self.grid,
                                                                  padding_mode="border")
         descriptors, image, mask = warped[:, :-2], warped[:, -2:-1], warped[:, -1:]
         weight = self.fixed_mask * (mask > 0.5)
         mind = float(mind_loss(self.fixed_descriptors, descriptors, weight))
-        lattice = None
-        if regions > 1:
-            lattice = position_regions(tuple(torch.arange(n, device=image.device) / (n - 1.0) for n in self.grid.shape), regions)
+        lattice = grid_regions(self.grid.shape, regions, device=image.device) if regions > 1 else None
         mi = float(mutual_information_loss(self.fixed, image, weight=weight, regions=lattice))
         folding_percent = volume_change = 0.0
         if not identity:

@@ -120,6 +120,14 @@ def position_regions(axes: tuple[torch.Tensor, torch.Tensor, torch.Tensor], node
     return index, mixing.to(device=axes[0].device, dtype=torch.float32)
 
 
+def grid_regions(shape: tuple[int, int, int], nodes: int, offset: tuple[int, int, int] = (0, 0, 0), stride: int = 1,
+                 device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`position_regions` of the voxels of a (Z, Y, X) grid of ``shape`` taken every ``stride``
+    voxels from ``offset`` (z, y, x), in C order: each voxel's position as a fraction of the grid's extent."""
+    return position_regions(tuple(torch.arange(o, n, stride, device=device) / (n - 1.0) for o, n in zip(offset, shape)),
+                            nodes)
+
+
 def mutual_information_loss(fixed: torch.Tensor, warped: torch.Tensor, bins: int = 32,
                             weight: torch.Tensor | None = None,
                             regions: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:

@@ -126,7 +126,7 @@ def write_report_png(
         raise ValueError("displacement must be a 3-component vector image (mm)")
     planes = _planes(fixed)
     images = {"fixed": fixed, "moving": moving, "warped": warped, "saliency": saliency}
-    transforms = {"moving": moving_transform or sitk.Transform()}
+    transforms = {"moving": moving_transform}
     samples = [{name: _sample(image, plane, transforms.get(name)) for name, image in images.items()} for plane in planes]
     vectors = [_sample(displacement, plane) for plane in planes]
     fixed_window, moving_window = _window(fixed), _window(moving)
